@@ -1,0 +1,1 @@
+"""One module per user-visible command; the module name is the command name."""

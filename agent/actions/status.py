@@ -1,0 +1,91 @@
+"""`gighive-media status`: counts per state, what needs attention, and the config (no secrets)."""
+
+from __future__ import annotations
+
+import time
+
+from ..config import Config
+from ..lock import QueueLock
+from ..state import StateStore
+
+
+def run(config: Config, limit: int = 50) -> dict[str, object]:
+    result: dict[str, object] = {"config": config.summary()}
+    state = StateStore.open_readonly(config.state_dir)
+    if state is None:
+        result.update(counts={}, attention=[], failing=[], pointer={}, note="no upload has run yet")
+        return result
+    try:
+        result["counts"] = state.counts()
+        result["pointer"] = state.pointer_counts()
+        result["attention"] = [_item(r) for r in state.in_state("dead", "quarantined", limit=limit)]
+        result["failing"] = [_item(r) for r in state.in_state("failed", limit=limit)]
+        result["pointer_pending"] = [
+            {"blob_name": r.blob_name, "error": r.pointer_error} for r in state.pointer_pending()[:limit]
+        ]
+    finally:
+        state.close()
+    result["queue_lock_holder"] = _lock_holder(config)
+    return result
+
+
+def _item(r) -> dict[str, object]:
+    return {
+        "blob_name": r.blob_name,
+        "path": r.path,
+        "state": r.state,
+        "attempts": r.attempts,
+        "last_error": r.last_error,
+        "next_attempt_in_s": round(max(0.0, r.next_attempt_at - time.time())) if r.state == "failed" else None,
+    }
+
+
+def _lock_holder(config: Config) -> int | None:
+    lock = QueueLock(config.state_dir)
+    try:
+        lock.acquire(wait=False)
+    except Exception:
+        try:
+            return int(lock.path.read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+    lock.release()
+    return None
+
+
+def render(result: dict[str, object]) -> str:
+    lines = []
+    cfg = result["config"]
+    assert isinstance(cfg, dict)
+    lines.append(f"backend: {cfg['backend']}   container: {cfg.get('container')}   endpoint: {cfg.get('endpoint')}")
+    lines.append(
+        f"auth: {cfg.get('auth_mode')}   database: {cfg.get('database') or 'none (agent state is the pointer)'}"
+    )
+    lines.append("roots: " + ", ".join(f"{k}={v}" for k, v in (cfg.get("media_roots") or {}).items()))
+    lines.append(f"delete local after upload: {cfg.get('delete_local_after_upload')}")
+    if result.get("note"):
+        lines.append(str(result["note"]))
+        return "\n".join(lines)
+    counts = result.get("counts") or {}
+    assert isinstance(counts, dict)
+    lines.append("files: " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    pointer = result.get("pointer") or {}
+    if pointer:
+        lines.append("db pointer: " + "  ".join(f"{k}={v}" for k, v in pointer.items()))
+    if result.get("queue_lock_holder"):
+        lines.append(f"a run is active (pid {result['queue_lock_holder']})")
+    for title, key in (("needs attention", "attention"), ("failing, will retry", "failing")):
+        items = result.get(key) or []
+        if items:
+            lines.append(f"{title}:")
+            for it in items:  # type: ignore[union-attr]
+                when = f", next try in {it['next_attempt_in_s']}s" if it.get("next_attempt_in_s") is not None else ""
+                lines.append(
+                    f"  [{it['state']}] {it['blob_name']} (attempts {it['attempts']}{when}): {it['last_error']}"
+                )
+    pending = result.get("pointer_pending") or []
+    if pending:
+        lines.append("db pointer not yet updated:")
+        for it in pending:  # type: ignore[union-attr]
+            lines.append(f"  {it['blob_name']}: {it['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""The `gighive-media` command: argument parsing and dispatch to agent.actions.<command>.
+
+Exit codes:
+  0   done (upload/retry: also when failures were recorded for the retry timer)
+  1   status: items need attention (dead or quarantined); other commands: the work failed
+  2   bad command-line usage
+  69  a dependency (Azure, MySQL) is unavailable and the command cannot record it for later
+  73  the state directory cannot be used
+  75  another run holds the queue lock (commands that need it exclusively)
+  78  bad configuration (systemd's RestartPreventExitStatus= covers it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__, logs
+from .config import DEFAULT_CONFIG_PATH, load
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SOFTWARE, AgentError, ConfigErrors
+
+log = logging.getLogger("gighive-media")
+
+COMMANDS = {
+    "upload": "upload new media files, then watch the roots until idle (started by the path unit)",
+    "retry": "rescan the roots and retry due failures with backoff (started by the timer)",
+    "status": "show counts per state, items needing attention, and the configuration",
+    "requeue": "put dead (or quarantined / failed) items back in the queue",
+    "db-migrate": "create or update the DB pointer table in GigHive's MySQL (idempotent)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"env-style configuration file (default: $GIGHIVE_MEDIA_CONFIG or {DEFAULT_CONFIG_PATH})",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output on stdout"
+    )
+    common.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=argparse.SUPPRESS,
+        help="override LOG_LEVEL",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="gighive-media",
+        description="GigHive media agent: mirrors local media to Azure Blob Storage, verified, "
+        "and keeps GigHive's DB pointing at where each file lives.",
+        epilog="Configuration is read from the env file and the environment; see gighive-media(1). "
+        "Exit codes: 0 ok, 1 failed/needs attention, 2 usage, 69 unavailable, 73 state dir unusable, "
+        "75 queue busy, 78 bad configuration.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("upload", help=COMMANDS["upload"], description=COMMANDS["upload"], parents=[common])
+    p.add_argument("--no-watch", action="store_true", help="drain pending work and exit instead of watching")
+    p.add_argument("--idle-exit", type=float, metavar="SECONDS", help="override UPLOAD_IDLE_EXIT_SECONDS for this run")
+    sub.add_parser("retry", help=COMMANDS["retry"], description=COMMANDS["retry"], parents=[common])
+    p = sub.add_parser("status", help=COMMANDS["status"], description=COMMANDS["status"], parents=[common])
+    p.add_argument("--limit", type=int, default=50, help="list at most this many items per section (default 50)")
+    p = sub.add_parser("requeue", help=COMMANDS["requeue"], description=COMMANDS["requeue"], parents=[common])
+    p.add_argument("--quarantined", action="store_true", help="also requeue quarantined items (after fixing them)")
+    p.add_argument("--failed", action="store_true", help="also retry failed items now instead of at their backoff time")
+    p.add_argument("items", nargs="*", metavar="BLOB_OR_PATH", help="only these (blob names or local paths)")
+    sub.add_parser("db-migrate", help=COMMANDS["db-migrate"], description=COMMANDS["db-migrate"], parents=[common])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    as_json = getattr(args, "json", False)
+    config_path = getattr(args, "config", None)
+    # Until the config is read, log to stderr at info so config errors are visible.
+    logs.setup("info")
+    try:
+        config = load(config_path)
+    except ConfigErrors as e:
+        for err in e.errors:
+            log.error("configuration error: %s", err, extra={"fields": {"config_variable": err.variable}})
+        if as_json:
+            print(json.dumps({"error": "configuration", "problems": [str(x) for x in e.errors]}, indent=2))
+        return EXIT_CONFIG
+    logs.setup(getattr(args, "log_level", None) or config.log_level)
+
+    try:
+        result, code = dispatch(args, config)
+    except AgentError as e:
+        log.error("%s", e)
+        if as_json:
+            print(json.dumps({"error": type(e).__name__, "message": str(e)}, indent=2))
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.warning("interrupted; the next run continues where this one stopped")
+        return 130
+    except Exception:
+        log.exception("internal error (a bug; please report it with this traceback)")
+        return EXIT_SOFTWARE
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    elif args.command == "status":
+        from .actions.status import render
+
+        print(render(result))
+    elif args.command in ("requeue", "db-migrate"):
+        print(_one_line(args.command, result))
+    return code
+
+
+def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
+    command = args.command
+    if command in ("upload", "retry") and not config.is_azure:
+        log.info("MEDIA_STORAGE_BACKEND=local: media stays on local disk, nothing to upload")
+        return {"backend": "local", "note": "nothing to do"}, EXIT_OK
+    if command == "upload":
+        from .actions import upload
+
+        return upload.run(config, watch=not args.no_watch, idle_exit=args.idle_exit), EXIT_OK
+    if command == "retry":
+        from .actions import retry
+
+        return retry.run(config), EXIT_OK
+    if command == "status":
+        from .actions import status
+
+        result = status.run(config, limit=args.limit)
+        counts = result.get("counts") or {}
+        needs_attention = bool(counts.get("dead") or counts.get("quarantined"))  # type: ignore[union-attr]
+        return result, EXIT_FAILURE if needs_attention else EXIT_OK
+    if command == "requeue":
+        from .actions import requeue
+
+        states = ["dead"] + (["quarantined"] if args.quarantined else []) + (["failed"] if args.failed else [])
+        return requeue.run(config, states, args.items), EXIT_OK
+    if command == "db-migrate":
+        from .actions import db_migrate
+
+        return db_migrate.run(config), EXIT_OK
+    raise AssertionError(f"unhandled command {command}")
+
+
+def _one_line(command: str, result: dict[str, object]) -> str:
+    if command == "requeue":
+        return f"requeued {result.get('requeued', 0)} item(s)"
+    changes = result.get("changes") or []
+    return "db pointer table is up to date" if not changes else "; ".join(map(str, changes))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The DB pointer: where each media file lives, in GigHive's MySQL.
+
+GigHive's `assets` table has no column for the storage location (the URL is computed from
+file_type and checksum_sha256), so the agent keeps its own table, joinable to `assets` on
+(checksum_sha256, file_type), and created the way GigHive's db_migrations role works:
+look in information_schema, then create or alter, idempotently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from dataclasses import dataclass
+
+import pymysql
+
+from .config import MysqlConfig
+from .media import SHA256_NAME_RE, MediaFile
+
+TABLE = "media_storage_locations"
+
+# Columns in creation order; db-migrate adds any that an older table lacks.
+COLUMNS: dict[str, str] = {
+    "id": "BIGINT UNSIGNED NOT NULL AUTO_INCREMENT",
+    "media_path": "VARCHAR(512) NOT NULL COMMENT 'URL path without leading slash, e.g. video/<sha256>.mp4'",
+    "file_type": "VARCHAR(32) NOT NULL COMMENT 'media root: audio | video, as assets.file_type'",
+    "checksum_sha256": "CHAR(64) NULL COMMENT 'sha256 in the file name; joins assets.checksum_sha256'",
+    "object_role": "ENUM('media','thumbnail','other') NOT NULL DEFAULT 'media'",
+    "provider": "ENUM('local','azure_blob') NOT NULL DEFAULT 'local'",
+    "container": "VARCHAR(63) NULL",
+    "blob_name": "VARCHAR(1024) NULL",
+    "etag": "VARCHAR(128) NULL",
+    "size_bytes": "BIGINT UNSIGNED NULL",
+    "content_md5": "CHAR(32) NULL COMMENT 'hex MD5 of the content, as stored in Content-MD5'",
+    "content_sha256": "CHAR(64) NULL COMMENT 'sha256 of the bytes (for thumbnails differs from checksum_sha256)'",
+    "uploaded_at": "DATETIME(3) NULL",
+    "verified_at": "DATETIME(3) NULL",
+    "local_copy": "TINYINT(1) NOT NULL DEFAULT 1 COMMENT '1 while the file is also on local disk'",
+    "updated_at": "TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3)",
+}
+INDEXES: dict[str, str] = {
+    "uq_media_path": "UNIQUE KEY uq_media_path (media_path)",
+    "ix_asset": "KEY ix_asset (checksum_sha256, file_type)",
+    "ix_provider": "KEY ix_provider (provider, local_copy)",
+}
+
+
+class PointerUnavailable(Exception):
+    """MySQL cannot be reached or refused the statement."""
+
+
+@dataclass(frozen=True)
+class Location:
+    media_path: str
+    provider: str
+    container: str | None
+    blob_name: str | None
+    etag: str | None
+    size_bytes: int | None
+    content_md5: str | None
+    content_sha256: str | None
+    local_copy: bool
+
+
+def _role(mf: MediaFile) -> tuple[str, str | None]:
+    m = SHA256_NAME_RE.match(mf.relpath.name)
+    if len(mf.relpath.parts) == 1:
+        return ("media" if m else "other"), (m.group("sha") if m else None)
+    if mf.relpath.parts[0] == "thumbnails" and m:
+        return "thumbnail", m.group("sha")
+    return "other", None
+
+
+class PointerDB:
+    def __init__(self, cfg: MysqlConfig):
+        self.cfg = cfg
+        self._conn: pymysql.connections.Connection | None = None
+
+    def _connect(self) -> pymysql.connections.Connection:
+        if self._conn is not None and self._conn.open:
+            return self._conn
+        try:
+            self._conn = pymysql.connect(
+                host=self.cfg.host,
+                port=self.cfg.port,
+                user=self.cfg.user,
+                password=self.cfg.password.reveal() if self.cfg.password else "",
+                database=self.cfg.database,
+                connect_timeout=self.cfg.connect_timeout,
+                read_timeout=30,
+                write_timeout=30,
+                autocommit=True,
+                charset="utf8mb4",
+            )
+        except pymysql.MySQLError as e:
+            raise PointerUnavailable(_describe(e, self.cfg)) from None
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(pymysql.MySQLError):
+                self._conn.close()
+            self._conn = None
+
+    def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+        for attempt in (1, 2):
+            conn = self._connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql, args)
+                    return list(cur.fetchall())
+            except (pymysql.OperationalError, pymysql.InterfaceError) as e:
+                # A server restart kills the kept connection; reconnect once before giving up.
+                self.close()
+                if attempt == 2:
+                    raise PointerUnavailable(_describe(e, self.cfg)) from None
+            except pymysql.MySQLError as e:
+                raise PointerUnavailable(_describe(e, self.cfg)) from None
+        raise AssertionError("unreachable")
+
+    # ---- schema ---------------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Create or complete the table; returns what was changed (empty when up to date)."""
+        changes: list[str] = []
+        exists = self._execute(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = %s",
+            (self.cfg.database, TABLE),
+        )[0][0]
+        if not exists:
+            cols = ",\n  ".join(f"`{name}` {ddl}" for name, ddl in COLUMNS.items())
+            idx = ",\n  ".join(INDEXES.values())
+            self._execute(
+                f"CREATE TABLE `{TABLE}` (\n  {cols},\n  PRIMARY KEY (`id`),\n  {idx}\n) "
+                "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin "
+                "COMMENT='gighive-media-agent: storage location of each media file'"
+            )
+            return [f"created table {TABLE}"]
+        have = {
+            r[0]
+            for r in self._execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+                (self.cfg.database, TABLE),
+            )
+        }
+        previous = None
+        for name, ddl in COLUMNS.items():
+            if name not in have:
+                where = f" AFTER `{previous}`" if previous else " FIRST"
+                self._execute(f"ALTER TABLE `{TABLE}` ADD COLUMN `{name}` {ddl}{where}")
+                changes.append(f"added column {name}")
+            previous = name
+        have_idx = {
+            r[0]
+            for r in self._execute(
+                "SELECT DISTINCT index_name FROM information_schema.statistics "
+                "WHERE table_schema = %s AND table_name = %s",
+                (self.cfg.database, TABLE),
+            )
+        }
+        for name, ddl in INDEXES.items():
+            if name not in have_idx:
+                self._execute(f"ALTER TABLE `{TABLE}` ADD {ddl}")
+                changes.append(f"added index {name}")
+        return changes
+
+    def table_exists(self) -> bool:
+        return bool(
+            self._execute(
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = %s",
+                (self.cfg.database, TABLE),
+            )[0][0]
+        )
+
+    # ---- rows -----------------------------------------------------------------------------
+
+    def record_blob(
+        self,
+        mf: MediaFile,
+        *,
+        container: str,
+        etag: str,
+        size: int,
+        md5_hex: str,
+        sha256: str,
+        uploaded_at: float,
+        verified_at: float,
+        local_copy: bool,
+    ) -> None:
+        """Flip the pointer to azure_blob (upsert), once the blob is verified."""
+        role, checksum = _role(mf)
+        self._execute(
+            f"INSERT INTO `{TABLE}` (media_path, file_type, checksum_sha256, object_role, provider, container, "
+            "blob_name, etag, size_bytes, content_md5, content_sha256, uploaded_at, verified_at, local_copy) "
+            "VALUES (%s,%s,%s,%s,'azure_blob',%s,%s,%s,%s,%s,%s,%s,%s,%s) "
+            "ON DUPLICATE KEY UPDATE file_type=VALUES(file_type), checksum_sha256=VALUES(checksum_sha256), "
+            "object_role=VALUES(object_role), provider='azure_blob', container=VALUES(container), "
+            "blob_name=VALUES(blob_name), etag=VALUES(etag), size_bytes=VALUES(size_bytes), "
+            "content_md5=VALUES(content_md5), content_sha256=VALUES(content_sha256), "
+            "uploaded_at=VALUES(uploaded_at), verified_at=VALUES(verified_at), local_copy=VALUES(local_copy)",
+            (
+                mf.blob_name,
+                mf.root.name,
+                checksum,
+                role,
+                container,
+                mf.blob_name,
+                etag,
+                size,
+                md5_hex,
+                sha256,
+                _ts(uploaded_at),
+                _ts(verified_at),
+                int(local_copy),
+            ),
+        )
+
+    def set_local_copy(self, media_path: str, local_copy: bool) -> None:
+        self._execute(f"UPDATE `{TABLE}` SET local_copy = %s WHERE media_path = %s", (int(local_copy), media_path))
+
+    def get(self, media_path: str) -> Location | None:
+        rows = self._execute(
+            f"SELECT media_path, provider, container, blob_name, etag, size_bytes, content_md5, content_sha256, "
+            f"local_copy FROM `{TABLE}` WHERE media_path = %s",
+            (media_path,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return Location(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]))
+
+
+def _ts(epoch: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).replace(tzinfo=None)
+
+
+def _describe(e: Exception, cfg: MysqlConfig) -> str:
+    args = getattr(e, "args", ())
+    code = args[0] if args and isinstance(args[0], int) else None
+    text = str(args[1]) if len(args) > 1 else str(e)
+    where = f"MySQL {cfg.user}@{cfg.host}:{cfg.port}/{cfg.database}"
+    if code == 1045:
+        return f"{where}: access denied (check MYSQL_USER and the password file)"
+    if code == 1049:
+        return f"{where}: database does not exist"
+    if code in (2003, 2013, 2006):
+        return f"{where}: unreachable ({text[:200]})"
+    if code == 1146:
+        return f"{where}: table {TABLE} is missing; run `gighive-media db-migrate`"
+    return f"{where}: error {code}: {text[:200]}"

@@ -1,0 +1,356 @@
+"""The agent's own record of every media file: a SQLite database (WAL) in the state directory.
+
+Every transition is one small transaction, so a crash at any moment leaves either the old or the
+new state. The only state that means "a process was working on this" is `uploading`; the next
+run, holding the queue lock, knows nobody else is and puts such rows back to `pending`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RetryPolicy
+from .errors import StateError
+
+STATES = ("pending", "uploading", "uploaded", "failed", "dead", "quarantined", "evicted")
+POINTER_NONE, POINTER_PENDING, POINTER_DONE = "none", "pending", "done"
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    blob_name       TEXT PRIMARY KEY,
+    root            TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    size            INTEGER,
+    mtime_ns        INTEGER,
+    inode           INTEGER,
+    sha256          TEXT,
+    md5             TEXT,
+    state           TEXT NOT NULL CHECK (state IN ('pending','uploading','uploaded','failed',
+                                                    'dead','quarantined','evicted')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    etag            TEXT,
+    uploaded_at     REAL,
+    verified_at     REAL,
+    pointer         TEXT NOT NULL DEFAULT 'none' CHECK (pointer IN ('none','pending','done')),
+    pointer_error   TEXT,
+    local_copy      INTEGER NOT NULL DEFAULT 1,
+    blocks_reused   INTEGER NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_state ON files (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS files_by_pointer ON files (pointer);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    blob_name: str
+    root: str
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    inode: int | None
+    sha256: str | None
+    md5: str | None
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    etag: str | None
+    uploaded_at: float | None
+    verified_at: float | None
+    pointer: str
+    pointer_error: str | None
+    local_copy: int
+    blocks_reused: int
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def backoff_delay(attempts: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
+    """Delay before attempt number attempts+1: exponential, capped, with jitter.
+
+    The jitter keeps the lower half of the window ("equal jitter"), so a burst of failures
+    spreads out without any retry coming sooner than half the policy's delay.
+    """
+    exp = policy.base_delay * (2 ** max(0, attempts - 1))
+    delay = min(policy.max_delay, exp)
+    return delay * (0.5 + 0.5 * (rng or random).random())
+
+
+class StateStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process (the case that matters here); a power
+            # cut may lose the last transactions, and every state is rebuilt by the next scan and
+            # the blob's own properties, so full fsync per transition buys nothing.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
+            )
+        except sqlite3.Error as e:
+            raise StateError(f"cannot open state database {path}: {e}") from e
+        except OSError as e:
+            raise StateError(f"cannot create state directory {path.parent}: {e.strerror}") from e
+
+    @classmethod
+    def open(cls, state_dir: Path) -> StateStore:
+        return cls(state_dir / "state.sqlite3")
+
+    @classmethod
+    def open_readonly(cls, state_dir: Path) -> StateStore | None:
+        """For `status`: None when no run has created the database yet."""
+        path = state_dir / "state.sqlite3"
+        if not path.exists():
+            return None
+        return cls(path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                self._rollback()
+                # A full disk or a read-only mount is an operator problem with a clear fix.
+                raise StateError(f"state database {self.path}: {e}") from e
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        with suppress(sqlite3.Error):
+            self._db.execute("ROLLBACK")
+
+    def _query(self, sql: str, args: Iterable[object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, tuple(args)).fetchall()
+            except sqlite3.Error as e:
+                raise StateError(f"state database {self.path}: {e}") from e
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def get(self, blob_name: str) -> FileRecord | None:
+        rows = self._query("SELECT * FROM files WHERE blob_name = ?", (blob_name,))
+        return FileRecord(**rows[0]) if rows else None
+
+    def snapshot(self) -> dict[str, tuple[int | None, int | None, int | None]]:
+        """blob_name -> (size, mtime_ns, inode): lets a full scan write only what changed."""
+        return {
+            r["blob_name"]: (r["size"], r["mtime_ns"], r["inode"])
+            for r in self._query("SELECT blob_name, size, mtime_ns, inode FROM files")
+        }
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for row in self._query("SELECT state, COUNT(*) AS n FROM files GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    def pointer_counts(self) -> dict[str, int]:
+        return {r["pointer"]: r["n"] for r in self._query("SELECT pointer, COUNT(*) AS n FROM files GROUP BY pointer")}
+
+    def in_state(self, *states: str, limit: int | None = None) -> list[FileRecord]:
+        marks = ",".join("?" * len(states))
+        sql = f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY updated_at"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [FileRecord(**r) for r in self._query(sql, states)]
+
+    def due(self, now: float, max_delay: float, include_failed: bool = True) -> list[FileRecord]:
+        """Work whose time has come.
+
+        A next_attempt_at further ahead than the longest possible backoff can only come from a
+        clock that jumped backwards; such rows count as due rather than waiting for days.
+        """
+        states = ("pending", "failed") if include_failed else ("pending",)
+        marks = ",".join("?" * len(states))
+        rows = self._query(
+            f"SELECT * FROM files WHERE state IN ({marks}) AND (next_attempt_at <= ? OR next_attempt_at > ?) "
+            "ORDER BY next_attempt_at, blob_name",
+            (*states, now, now + max_delay * 1.5 + 60),
+        )
+        return [FileRecord(**r) for r in rows]
+
+    def next_due_time(self) -> float | None:
+        rows = self._query("SELECT MIN(next_attempt_at) AS t FROM files WHERE state IN ('pending','failed')")
+        return rows[0]["t"] if rows else None
+
+    def pointer_pending(self) -> list[FileRecord]:
+        return [FileRecord(**r) for r in self._query("SELECT * FROM files WHERE pointer = 'pending'")]
+
+    def eviction_candidates(self) -> list[FileRecord]:
+        return [
+            FileRecord(**r)
+            for r in self._query(
+                "SELECT * FROM files WHERE state = 'uploaded' AND local_copy = 1 AND pointer IN ('none','done')"
+            )
+        ]
+
+    # ---- transitions ---------------------------------------------------------------------
+
+    def recover_interrupted(self) -> int:
+        """Rows left `uploading` by a process that died; only called under the queue lock."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE files SET state = 'pending', next_attempt_at = 0, updated_at = ?, "
+                "last_error = COALESCE(last_error, 'interrupted by a crash or restart') WHERE state = 'uploading'",
+                (time.time(),),
+            )
+            return cur.rowcount
+
+    def observe(self, blob_name: str, root: str, path: str, st: os.stat_result, not_before: float) -> str:
+        """Record a file seen on disk. Returns 'new', 'changed' or 'known'.
+
+        A known file whose size, mtime or inode changed is reconsidered from scratch: its old
+        verdict (uploaded, quarantined, dead) was about other bytes.
+        """
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, size, mtime_ns, inode FROM files WHERE blob_name = ?", (blob_name,)
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO files (blob_name, root, path, size, mtime_ns, inode, state, next_attempt_at, "
+                    "created_at, updated_at) VALUES (?,?,?,?,?,?, 'pending', ?, ?, ?)",
+                    (blob_name, root, path, st.st_size, st.st_mtime_ns, st.st_ino, not_before, now, now),
+                )
+                return "new"
+            if (row["size"], row["mtime_ns"], row["inode"]) == (st.st_size, st.st_mtime_ns, st.st_ino):
+                return "known"
+            if row["state"] == "uploading":
+                return "known"
+            db.execute(
+                "UPDATE files SET path = ?, size = ?, mtime_ns = ?, inode = ?, sha256 = NULL, md5 = NULL, "
+                "state = 'pending', attempts = 0, next_attempt_at = ?, last_error = NULL, local_copy = 1, "
+                "updated_at = ? WHERE blob_name = ?",
+                (path, st.st_size, st.st_mtime_ns, st.st_ino, not_before, now, blob_name),
+            )
+            return "changed"
+
+    def defer(self, blob_name: str, until: float, reason: str) -> None:
+        """Not a failure: the file is still being written, try again shortly."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = 'pending', next_attempt_at = ?, last_error = ?, updated_at = ? "
+                "WHERE blob_name = ?",
+                (until, reason, time.time(), blob_name),
+            )
+
+    def mark_uploading(self, blob_name: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = 'uploading', updated_at = ? WHERE blob_name = ?", (time.time(), blob_name)
+            )
+
+    def mark_uploaded(
+        self,
+        blob_name: str,
+        *,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        sha256: str,
+        md5: str,
+        etag: str,
+        verified_at: float,
+        pointer: str,
+        blocks_reused: int,
+    ) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = 'uploaded', size = ?, mtime_ns = ?, inode = ?, sha256 = ?, md5 = ?, "
+                "etag = ?, uploaded_at = ?, verified_at = ?, pointer = ?, pointer_error = NULL, last_error = NULL, "
+                "local_copy = 1, blocks_reused = ?, next_attempt_at = 0, updated_at = ? WHERE blob_name = ?",
+                (size, mtime_ns, inode, sha256, md5, etag, now, verified_at, pointer, blocks_reused, now, blob_name),
+            )
+
+    def mark_failed(self, blob_name: str, error: str, policy: RetryPolicy, rng: random.Random | None = None) -> str:
+        """Count a failed attempt; returns the new state ('failed' or 'dead')."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT attempts FROM files WHERE blob_name = ?", (blob_name,)).fetchone()
+            attempts = (row["attempts"] if row else 0) + 1
+            state = "dead" if attempts >= policy.max_attempts else "failed"
+            next_at = now + backoff_delay(attempts, policy, rng) if state == "failed" else 0
+            db.execute(
+                "UPDATE files SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
+                "WHERE blob_name = ?",
+                (state, attempts, next_at, error[:2000], now, blob_name),
+            )
+            return state
+
+    def mark_quarantined(self, blob_name: str, error: str, sha256: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = 'quarantined', sha256 = COALESCE(?, sha256), last_error = ?, "
+                "updated_at = ? WHERE blob_name = ?",
+                (sha256, error[:2000], time.time(), blob_name),
+            )
+
+    def set_pointer(self, blob_name: str, pointer: str, error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET pointer = ?, pointer_error = ?, updated_at = ? WHERE blob_name = ?",
+                (pointer, error[:2000] if error else None, time.time(), blob_name),
+            )
+
+    def mark_evicted(self, blob_name: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = 'evicted', local_copy = 0, updated_at = ? WHERE blob_name = ?",
+                (time.time(), blob_name),
+            )
+
+    def forget(self, blob_name: str) -> None:
+        """The file vanished before it was uploaded: nothing to keep track of."""
+        with self._tx() as db:
+            db.execute("DELETE FROM files WHERE blob_name = ? AND state IN ('pending','failed')", (blob_name,))
+
+    def requeue(self, states: Iterable[str], blob_names: Iterable[str] = ()) -> int:
+        states = tuple(states)
+        names = tuple(blob_names)
+        marks = ",".join("?" * len(states))
+        sql = (
+            f"UPDATE files SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ? "
+            f"WHERE state IN ({marks})"
+        )
+        args: list[object] = [time.time(), *states]
+        if names:
+            sql += f" AND blob_name IN ({','.join('?' * len(names))})"
+            args += names
+        with self._tx() as db:
+            return db.execute(sql, args).rowcount

@@ -1,0 +1,46 @@
+"""The storage seam: local disk and Azure Blob behind one small protocol.
+
+The uploader, the stream server and the migration tools talk to these types, not to the Azure
+SDK, so "where do the bytes live" is decided in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object without reading it."""
+
+    name: str
+    size: int
+    etag: str
+    last_modified: datetime | None = None
+    content_md5: bytes | None = None
+    sha256: str | None = None
+    content_type: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class ObjectNotFound(Exception):
+    """The object does not exist in the store."""
+
+
+class ObjectChanged(Exception):
+    """The object changed between two reads pinned to one version (ETag mismatch)."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or refused the request; the message says which and why."""
+
+
+class Store(Protocol):
+    def stat(self, name: str) -> ObjectInfo | None: ...
+
+    def read_range(
+        self, name: str, offset: int, length: int, etag: str | None = None, chunk_size: int = ...
+    ) -> Iterator[bytes]: ...

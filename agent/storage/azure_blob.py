@@ -1,0 +1,272 @@
+"""Azure Blob Storage behind the storage seam.
+
+The agent drives block uploads itself (rather than `upload_blob` for large files) because it
+needs what the SDK's helper does not give: deterministic block ids so a restarted upload reuses
+staged blocks, a transactional MD5 it computed once per block, and a bounded amount of memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import requests
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline.transport import RequestsTransport
+from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry
+
+from ..config import Config
+from . import ObjectChanged, ObjectInfo, ObjectNotFound, StoreUnavailable
+from .azure_auth import build_credential
+
+T = TypeVar("T")
+
+SHA256_METADATA_KEY = "sha256"
+
+_HINTS = {
+    "AuthorizationFailure": "the request reached the account's public endpoint or the network rules "
+    "refused it; check that the account name resolves to the Private Endpoint's private IP "
+    "(gighive-media doctor)",
+    "AuthorizationPermissionMismatch": "the identity lacks the 'Storage Blob Data Contributor' role on the container",
+    "AuthenticationFailed": "the token or key was refused (expired, wrong tenant, or wrong account key)",
+    "ContainerNotFound": "create the container, or fix AZURE_STORAGE_CONTAINER_NAME",
+}
+
+
+def _describe(e: Exception) -> str:
+    """One line for the journal and `status`: what failed and, where known, what to do."""
+    if isinstance(e, HttpResponseError):
+        raw_code = getattr(e, "error_code", None) or ""
+        code = getattr(raw_code, "value", raw_code)
+        status = getattr(e, "status_code", None)
+        first = str(e.message or e).splitlines()[0][:300] if (e.message or str(e)) else ""
+        text = f"HTTP {status} {code}: {first}".strip()
+        hint = _HINTS.get(str(code))
+        return f"{text} ({hint})" if hint else text
+    if isinstance(e, ClientAuthenticationError):
+        return f"cannot get a token: {str(e).splitlines()[0][:300]}"
+    if isinstance(e, (ServiceRequestError, ServiceResponseError)):
+        return f"Azure Blob unreachable: {_network_reason(str(e))}"
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _network_reason(text: str) -> str:
+    """The useful part of urllib3's nested connection errors: host and errno text."""
+    host = re.search(r"host='([^']+)', port=(\d+)", text)
+    reason = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    for pattern, label in _NETWORK_PATTERNS:
+        if pattern in text:
+            reason_text = label
+            break
+    else:
+        reason_text = reason.group(1).strip() if reason else text.splitlines()[0][:200]
+    return f"{host.group(1)}:{host.group(2)}: {reason_text}" if host else reason_text
+
+
+_NETWORK_PATTERNS = (
+    ("NameResolutionError", "the name does not resolve (check DNS / the private DNS zone)"),
+    ("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
+    ("Read timed out", "read timed out"),
+    ("ConnectTimeoutError", "connection timed out (firewall, VPN down, or wrong address)"),
+)
+
+
+class AzureBlobStore:
+    def __init__(self, config: Config, pool_size: int | None = None):
+        self.config = config
+        self.container_name = config.container or ""
+        # requests keeps 10 connections per host by default; with several files and several
+        # blocks in flight the rest would be opened and thrown away on every request.
+        pool = pool_size or max(10, config.file_concurrency * config.block_concurrency + 4)
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        transport_kwargs: dict[str, Any] = {
+            "connection_timeout": config.network_timeout,
+            "read_timeout": config.network_timeout,
+        }
+        if config.ca_bundle:
+            transport_kwargs["connection_verify"] = str(config.ca_bundle)
+        transport = RequestsTransport(session=session, session_owner=False, **transport_kwargs)
+        # Short in-request retries: the upload queue owns the long backoff across runs, and a
+        # stream request must not hang for the SDK's default 15 s + 18 s + 24 s.
+        retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=3, random_jitter_range=1)
+        common: dict[str, Any] = {
+            "transport": transport,
+            "retry_policy": retry,
+            "max_single_get_size": 4 * 1024 * 1024,
+            "max_chunk_get_size": 4 * 1024 * 1024,
+            **transport_kwargs,
+        }
+        if config.auth_mode == "connection_string":
+            assert config.connection_string is not None
+            self.service = BlobServiceClient.from_connection_string(config.connection_string.reveal(), **common)
+        else:
+            self.credential = build_credential(config)
+            self.service = BlobServiceClient(config.endpoint, credential=self.credential, **common)
+        self.container = self.service.get_container_client(self.container_name)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except ResourceNotFoundError:
+            raise
+        except (HttpResponseError, ClientAuthenticationError, ServiceRequestError, ServiceResponseError) as e:
+            raise StoreUnavailable(_describe(e)) from e
+        except requests.RequestException as e:
+            raise StoreUnavailable(f"Azure Blob unreachable: {_network_reason(str(e))}") from e
+
+    def blob(self, name: str):
+        return self.container.get_blob_client(name)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def stat(self, name: str) -> ObjectInfo | None:
+        try:
+            props = self._call(lambda: self.blob(name).get_blob_properties())
+        except ResourceNotFoundError as e:
+            if getattr(e, "error_code", None) == "ContainerNotFound":
+                raise StoreUnavailable(_describe(e)) from e
+            return None
+        md5 = props.content_settings.content_md5
+        return ObjectInfo(
+            name=name,
+            size=props.size,
+            etag=props.etag,
+            last_modified=props.last_modified,
+            content_md5=bytes(md5) if md5 else None,
+            sha256=(props.metadata or {}).get(SHA256_METADATA_KEY),
+            content_type=props.content_settings.content_type,
+            metadata=dict(props.metadata or {}),
+        )
+
+    def read_range(
+        self, name: str, offset: int, length: int, etag: str | None = None, chunk_size: int = 4 * 1024 * 1024
+    ) -> Iterator[bytes]:
+        """Stream `length` bytes from `offset`, pinned to `etag` so versions never mix."""
+        kwargs: dict[str, Any] = {"offset": offset, "length": length, "max_concurrency": 1}
+        if etag:
+            kwargs["etag"] = etag
+            from azure.core import MatchConditions
+
+            kwargs["match_condition"] = MatchConditions.IfNotModified
+        try:
+            downloader = self._call(lambda: self.blob(name).download_blob(**kwargs))
+        except ResourceNotFoundError as e:
+            raise ObjectNotFound(name) from e
+        except StoreUnavailable as e:
+            if isinstance(e.__cause__, ResourceModifiedError):
+                raise ObjectChanged(name) from e
+            raise
+        try:
+            yield from downloader.chunks()
+        except ResourceModifiedError as e:
+            raise ObjectChanged(name) from e
+        except (HttpResponseError, ServiceRequestError, ServiceResponseError) as e:
+            raise StoreUnavailable(_describe(e)) from e
+
+    def list(self, prefix: str | None = None) -> Iterator[ObjectInfo]:
+        try:
+            for props in self.container.list_blobs(name_starts_with=prefix, include=["metadata"]):
+                md5 = props.content_settings.content_md5
+                yield ObjectInfo(
+                    name=props.name,
+                    size=props.size,
+                    etag=props.etag,
+                    last_modified=props.last_modified,
+                    content_md5=bytes(md5) if md5 else None,
+                    sha256=(props.metadata or {}).get(SHA256_METADATA_KEY),
+                    content_type=props.content_settings.content_type,
+                    metadata=dict(props.metadata or {}),
+                )
+        except (HttpResponseError, ServiceRequestError, ServiceResponseError) as e:
+            raise StoreUnavailable(_describe(e)) from e
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def staged_blocks(self, name: str) -> dict[str, int]:
+        """Uncommitted blocks of a blob, id -> size; empty when none (or no blob yet)."""
+        try:
+            _committed, uncommitted = self._call(lambda: self.blob(name).get_block_list("uncommitted"))
+        except ResourceNotFoundError:
+            return {}
+        return {b.id: b.size for b in uncommitted}
+
+    def stage_block(self, name: str, block_id: str, data: bytes, md5: bytes) -> None:
+        # Passing our MD5 as the transactional header makes the service check each block's bytes
+        # without the SDK hashing the block a second time.
+        self._call(
+            lambda: self.blob(name).stage_block(
+                block_id, data, length=len(data), transactional_content_md5=bytearray(md5)
+            )
+        )
+
+    def commit_blocks(self, name: str, block_ids: list[str], content_type: str, md5: bytes, sha256: str) -> str:
+        result = self._call(
+            lambda: self.blob(name).commit_block_list(
+                [BlobBlock(block_id=i) for i in block_ids],
+                content_settings=ContentSettings(content_type=content_type, content_md5=bytearray(md5)),
+                metadata={SHA256_METADATA_KEY: sha256},
+            )
+        )
+        return result["etag"]
+
+    def put(self, name: str, data: bytes, content_type: str, md5: bytes, sha256: str, overwrite: bool) -> str | None:
+        """Single-request upload of a small file. None when it exists and overwrite is False."""
+        try:
+            result = self._call(
+                lambda: self.blob(name).upload_blob(
+                    data,
+                    length=len(data),
+                    overwrite=overwrite,
+                    content_settings=ContentSettings(content_type=content_type, content_md5=bytearray(md5)),
+                    metadata={SHA256_METADATA_KEY: sha256},
+                    validate_content=True,
+                )
+            )
+        except StoreUnavailable as e:
+            if isinstance(e.__cause__, ResourceExistsError) and not overwrite:
+                return None
+            raise
+        return result["etag"]
+
+    def delete(self, name: str, etag: str | None = None) -> None:
+        kwargs: dict[str, Any] = {}
+        if etag:
+            from azure.core import MatchConditions
+
+            kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+        try:
+            self._call(lambda: self.blob(name).delete_blob(**kwargs))
+        except ResourceNotFoundError:
+            return
+
+    def ensure_container(self) -> bool:
+        """Create the container if missing (dev and Azurite); True if it was created."""
+        try:
+            self._call(lambda: self.container.create_container())
+            return True
+        except StoreUnavailable as e:
+            if isinstance(e.__cause__, ResourceExistsError):
+                return False
+            raise
+
+
+def block_id(index: int, md5: bytes) -> str:
+    """Deterministic, equal-length block id from the block's position and content.
+
+    A block staged earlier with this id held exactly these bytes (the service checked its
+    transactional MD5), so a restarted upload can skip sending it again.
+    """
+    return f"{index:06d}-{base64.b16encode(md5).decode().lower()}"

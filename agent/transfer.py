@@ -1,0 +1,278 @@
+"""Copying one local media file to the blob store, verified.
+
+One read of the file feeds everything: the whole-file sha256 and MD5, the per-block MD5 the
+service checks on arrival, and the upload itself. Nothing is committed until the bytes read
+match the name (for content-addressed files) and the file did not change while being read, so
+a blob only ever appears whole and right. After the commit the blob's properties are read back
+and compared, because the service does not check a whole-blob MD5 on commit.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .errors import ContentMismatch, FileRejected, VerificationFailed
+from .media import MediaFile
+from .ratelimit import RateLimiter
+from .storage import ObjectInfo
+from .storage.azure_blob import AzureBlobStore, block_id
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str
+    md5: bytes
+    etag: str
+    already_present: bool
+    blocks_total: int
+    blocks_reused: int
+    seconds: float
+
+
+def open_media_file(path: str) -> tuple[int, os.stat_result]:
+    """Open a regular file without following symlinks and without blocking on FIFOs."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FileRejected("symbolic link; media links are not followed") from None
+        if e.errno == errno.ENOENT:
+            raise FileNotFoundError(path) from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionError(e.errno, f"permission denied reading {path}") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileRejected("not a regular file")
+    return fd, st
+
+
+class _Hasher:
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5()  # noqa: S324 - Content-MD5 is Azure's integrity field, not security
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.md5.update(data)
+        self.size += len(data)
+
+
+class Transfer:
+    """Uploads files to one store with the configured block size, concurrency and rate."""
+
+    def __init__(
+        self,
+        store: AzureBlobStore,
+        block_size: int,
+        block_concurrency: int,
+        limiter: RateLimiter | None = None,
+        readback: bool = False,
+    ):
+        self.store = store
+        self.block_size = block_size
+        self.block_concurrency = block_concurrency
+        self.limiter = limiter
+        self.readback = readback
+
+    def upload(self, mf: MediaFile) -> TransferResult:
+        started = time.monotonic()
+        fd, st = open_media_file(str(mf.path))
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            result = self._upload_small(mf, f, st) if st.st_size <= self.block_size else self._upload_blocks(mf, f, st)
+            self._check_unchanged(mf, f.fileno(), st)
+        return TransferResult(**{**result.__dict__, "seconds": time.monotonic() - started})
+
+    # ---- small files: one request ---------------------------------------------------------
+
+    def _upload_small(self, mf: MediaFile, f, st: os.stat_result) -> TransferResult:
+        data = _read_exact(f, st.st_size)
+        h = _Hasher()
+        h.update(data)
+        self._check_name(mf, h)
+        self._check_unchanged(mf, f.fileno(), st)
+        sha, md5 = h.sha256.hexdigest(), h.md5.digest()
+        self._throttle(len(data))
+        etag = self.store.put(mf.blob_name, data, mf.content_type, md5, sha, overwrite=False)
+        already = False
+        if etag is None:
+            # Something is there: the same content (a re-run, another host) or stale bytes.
+            existing = self.store.stat(mf.blob_name)
+            if existing is not None and _same_content(existing, len(data), sha, md5):
+                already = True
+                etag = existing.etag
+            else:
+                etag = self.store.put(mf.blob_name, data, mf.content_type, md5, sha, overwrite=True)
+                assert etag is not None
+        info = self._verify(mf, len(data), sha, md5)
+        return TransferResult(len(data), st.st_mtime_ns, st.st_ino, sha, md5, info.etag, already, 1, 0, 0.0)
+
+    # ---- large files: staged blocks --------------------------------------------------------
+
+    def _upload_blocks(self, mf: MediaFile, f, st: os.stat_result) -> TransferResult:
+        existing = self.store.stat(mf.blob_name)
+        if existing is not None and existing.size == st.st_size and existing.sha256:
+            expected = mf.expected_sha256
+            if expected is None or existing.sha256 == expected:
+                h = _Hasher()
+                for data in _blocks(f, self.block_size):
+                    h.update(data)
+                _check_size(h, st)
+                self._check_name(mf, h)
+                if _same_content(existing, h.size, h.sha256.hexdigest(), h.md5.digest()):
+                    self._check_unchanged(mf, f.fileno(), st)
+                    info = self._verify(mf, h.size, h.sha256.hexdigest(), h.md5.digest())
+                    n = -(-h.size // self.block_size)
+                    return TransferResult(
+                        h.size,
+                        st.st_mtime_ns,
+                        st.st_ino,
+                        h.sha256.hexdigest(),
+                        h.md5.digest(),
+                        info.etag,
+                        True,
+                        n,
+                        0,
+                        0.0,
+                    )
+                f.seek(0)
+
+        staged = self.store.staged_blocks(mf.blob_name)
+        h = _Hasher()
+        ids: list[str] = []
+        reused = 0
+        # At most block_concurrency blocks are held in memory: the reader waits for a free
+        # slot before reading the next block, whatever the file size.
+        slots = threading.BoundedSemaphore(self.block_concurrency)
+        futures: list[Future[None]] = []
+        failure: list[BaseException] = []
+
+        def send(bid: str, data: bytes, md5: bytes) -> None:
+            try:
+                self._throttle(len(data))
+                self.store.stage_block(mf.blob_name, bid, data, md5)
+            except BaseException as e:
+                failure.append(e)
+                raise
+            finally:
+                slots.release()
+
+        with ThreadPoolExecutor(self.block_concurrency, thread_name_prefix="block") as pool:
+            for index, data in enumerate(_blocks(f, self.block_size, before_read=slots.acquire)):
+                if failure:
+                    slots.release()
+                    break
+                h.update(data)
+                md5 = hashlib.md5(data).digest()  # noqa: S324 - transactional Content-MD5
+                bid = block_id(index, md5)
+                ids.append(bid)
+                if staged.get(bid) == len(data):
+                    reused += 1
+                    slots.release()
+                    continue
+                futures.append(pool.submit(send, bid, data, md5))
+            else:
+                slots.release()  # the slot taken for the read that found end-of-file
+        for fut in futures:
+            fut.result()  # re-raises the first staging error
+        _check_size(h, st)
+        self._check_name(mf, h)
+        self._check_unchanged(mf, f.fileno(), st)
+        sha, md5 = h.sha256.hexdigest(), h.md5.digest()
+        self.store.commit_blocks(mf.blob_name, ids, mf.content_type, md5, sha)
+        info = self._verify(mf, h.size, sha, md5)
+        return TransferResult(h.size, st.st_mtime_ns, st.st_ino, sha, md5, info.etag, False, len(ids), reused, 0.0)
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    def _check_name(self, mf: MediaFile, h: _Hasher) -> None:
+        expected = mf.expected_sha256
+        if expected is not None and h.sha256.hexdigest() != expected:
+            raise ContentMismatch(expected, h.sha256.hexdigest())
+
+    @staticmethod
+    def _check_unchanged(mf: MediaFile, fd: int, st: os.stat_result) -> None:
+        now = os.fstat(fd)
+        if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            raise FileRejected("file changed while it was being read (still being written?)")
+        try:
+            on_disk = os.stat(mf.path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise FileRejected("file was removed or renamed while it was being read") from None
+        if on_disk.st_ino != st.st_ino:
+            raise FileRejected("file was replaced while it was being read")
+
+    def _verify(self, mf: MediaFile, size: int, sha: str, md5: bytes) -> ObjectInfo:
+        info = self.store.stat(mf.blob_name)
+        if info is None:
+            raise VerificationFailed(f"blob {mf.blob_name} is missing right after its upload")
+        problems = []
+        if info.size != size:
+            problems.append(f"size {info.size} != {size}")
+        if info.content_md5 != md5:
+            problems.append("Content-MD5 differs")
+        if info.sha256 != sha:
+            problems.append(f"sha256 metadata {info.sha256} != {sha}")
+        if not problems and self.readback:
+            digest = hashlib.sha256()
+            for chunk in self.store.read_range(mf.blob_name, 0, size, etag=info.etag):
+                digest.update(chunk)
+            if digest.hexdigest() != sha:
+                problems.append(f"read-back sha256 {digest.hexdigest()} != {sha}")
+        if problems:
+            raise VerificationFailed(f"blob {mf.blob_name} does not match the local file: {'; '.join(problems)}")
+        return info
+
+    def _throttle(self, nbytes: int) -> None:
+        if self.limiter is not None:
+            self.limiter.consume(nbytes)
+
+
+def _same_content(info: ObjectInfo, size: int, sha: str, md5: bytes) -> bool:
+    return info.size == size and info.sha256 == sha and (info.content_md5 is None or info.content_md5 == md5)
+
+
+def _check_size(h: _Hasher, st: os.stat_result) -> None:
+    if h.size != st.st_size:
+        raise FileRejected(f"read {h.size} bytes but the file has {st.st_size} (changed while being read?)")
+
+
+def _read_exact(f, size: int) -> bytes:
+    data = _read_up_to(f, size)
+    if len(data) != size:
+        raise FileRejected(f"read {len(data)} bytes but the file has {size} (changed while being read?)")
+    return data
+
+
+def _blocks(f, block_size: int, before_read=None):
+    while True:
+        if before_read is not None:
+            before_read()
+        data = _read_up_to(f, block_size)
+        if not data:
+            return
+        yield data
+
+
+def _read_up_to(f, size: int) -> bytes:
+    chunks = []
+    remaining = size
+    while remaining > 0:
+        chunk = f.read(remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,391 @@
+"""The upload engine: from "a file exists" to "its verified blob is what the DB points at".
+
+The path-triggered `upload`, the timer's `retry` and `migrate` all drive this one class. Per
+file the order is fixed and each step is recorded before the next starts:
+
+    scan -> pending -> uploading -> (transfer + verify) -> uploaded -> pointer flipped -> evicted
+
+A local file is deleted only from `uploaded` with the pointer flipped (or with no DB, where the
+agent's own state is the pointer), and only if it is still the very file that was verified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .errors import ContentMismatch, FileRejected, StateError, VerificationFailed
+from .media import MediaFile, media_file_for_blob, media_file_for_path, name_problem
+from .notify import Notifier
+from .pointer import PointerDB, PointerUnavailable
+from .ratelimit import RateLimiter
+from .scan import ScanReport, classify, walk, walk_root
+from .state import POINTER_DONE, POINTER_NONE, POINTER_PENDING, FileRecord, StateStore
+from .storage import StoreUnavailable
+from .storage.azure_blob import AzureBlobStore
+from .transfer import Transfer, TransferResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunReport:
+    uploaded: int = 0
+    already_present: int = 0
+    failed: int = 0
+    dead: int = 0
+    quarantined: int = 0
+    deferred: int = 0
+    vanished: int = 0
+    evicted: int = 0
+    pointers_flipped: int = 0
+    pointer_failures: int = 0
+    bytes_uploaded: int = 0
+    blocks_reused: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, other: RunReport) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(other, name)
+            if isinstance(value, list):
+                getattr(self, name).extend(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        state: StateStore,
+        store: AzureBlobStore,
+        pointer_db: PointerDB | None = None,
+        notifier: Notifier | None = None,
+    ):
+        self.config = config
+        self.state = state
+        self.store = store
+        self.pointer_db = pointer_db
+        self.notifier = notifier or Notifier()
+        limiter = RateLimiter(config.bandwidth_limit) if config.bandwidth_limit else None
+        self.transfer = Transfer(
+            store, config.block_size, config.block_concurrency, limiter=limiter, readback=config.verify_readback
+        )
+        # PyMySQL connections are not thread-safe; pointer writes are short, so one lock will do.
+        self._db_lock = threading.Lock()
+        self._progress_lock = threading.Lock()
+        self.totals = RunReport()
+
+    # ---- finding work ----------------------------------------------------------------------
+
+    def scan(self) -> ScanReport:
+        """Full scan of every root: the safety net for events inotify missed (NFS, overflow, downtime)."""
+        report = ScanReport()
+        known = self.state.snapshot()
+        for mf, st in walk(self.config, report):
+            self._observe(mf, st, report, known)
+        for where, problem in report.root_errors.items():
+            log.error("media root %s: %s", where, problem, extra={"fields": {"root": where}})
+        return report
+
+    def scan_dir(self, directory: Path) -> ScanReport:
+        report = ScanReport()
+        mf = media_file_for_path(self.config, directory / "x")
+        if mf is not None:
+            for found, st in walk_root(mf.root, report, start=directory):
+                self._observe(found, st, report, None)
+        return report
+
+    def enqueue_path(self, path: Path) -> bool:
+        """A file an inotify event named; True if it became (or stayed) queued."""
+        mf = media_file_for_path(self.config, path)
+        if mf is None or name_problem(mf.relpath):
+            return False
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        kind = classify(st.st_mode)
+        if kind:
+            log.warning("skipping %s: %s", path, kind, extra={"fields": {"path": str(path)}})
+            return False
+        report = ScanReport()
+        self._observe(mf, st, report, None)
+        return bool(report.new or report.changed)
+
+    def _observe(self, mf: MediaFile, st: os.stat_result, report: ScanReport, known) -> None:
+        if known is not None and known.get(mf.blob_name) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            return
+        not_before = st.st_mtime + self.config.settle_seconds
+        verdict = self.state.observe(mf.blob_name, mf.root.name, str(mf.path), st, not_before)
+        if verdict == "new":
+            report.new += 1
+        elif verdict == "changed":
+            report.changed += 1
+            log.info(
+                "file changed on disk, queued again: %s", mf.blob_name, extra={"fields": {"blob_name": mf.blob_name}}
+            )
+
+    # ---- doing work ------------------------------------------------------------------------
+
+    def run_due(self, include_failed: bool = True, limit: int | None = None) -> RunReport:
+        """Process every due item, file_concurrency at a time."""
+        due = self.state.due(time.time(), self.config.retry.max_delay, include_failed=include_failed)
+        if limit is not None:
+            due = due[:limit]
+        report = RunReport()
+        if not due:
+            return report
+        with ThreadPoolExecutor(self.config.file_concurrency, thread_name_prefix="file") as pool:
+            for result in pool.map(self.process, due):
+                report.add(result)
+                with self._progress_lock:
+                    self.totals.add(result)
+                    t = self.totals
+                    self.notifier.status(
+                        f"uploaded {t.uploaded + t.already_present}, failed {t.failed + t.dead}, "
+                        f"quarantined {t.quarantined}, {t.bytes_uploaded} bytes sent"
+                    )
+        return report
+
+    def process(self, rec: FileRecord) -> RunReport:
+        report = RunReport()
+        mf = media_file_for_blob(self.config, rec.blob_name)
+        fields = {"blob_name": rec.blob_name, "attempt": rec.attempts + 1}
+        if mf is None:
+            self._fail(rec, "no configured media root holds this file any more", report, fields)
+            return report
+        try:
+            st = os.lstat(mf.path)
+        except FileNotFoundError:
+            self.state.forget(rec.blob_name)
+            report.vanished += 1
+            log.info("file vanished before upload: %s", rec.blob_name, extra={"fields": fields})
+            return report
+        except OSError as e:
+            self._fail(rec, f"cannot stat {mf.path}: {e.strerror}", report, fields)
+            return report
+        settled_at = st.st_mtime + self.config.settle_seconds
+        if settled_at > time.time():
+            self.state.defer(rec.blob_name, settled_at, "waiting for the file to settle (recently modified)")
+            report.deferred += 1
+            return report
+
+        self.state.mark_uploading(rec.blob_name)
+        try:
+            result = self.transfer.upload(mf)
+        except ContentMismatch as e:
+            self.state.mark_quarantined(rec.blob_name, f"local corruption: {e}", sha256=e.actual)
+            report.quarantined += 1
+            report.errors.append({"blob_name": rec.blob_name, "error": str(e)})
+            log.error(
+                "quarantined %s: %s; not uploaded, the file is left as it is",
+                rec.blob_name,
+                e,
+                extra={"fields": {**fields, "sha256": e.actual}},
+            )
+            return report
+        except FileRejected as e:
+            self.state.defer(rec.blob_name, time.time() + max(1.0, self.config.settle_seconds), str(e))
+            report.deferred += 1
+            log.info("deferred %s: %s", rec.blob_name, e, extra={"fields": fields})
+            return report
+        except FileNotFoundError:
+            self.state.forget(rec.blob_name)
+            report.vanished += 1
+            return report
+        except (StoreUnavailable, VerificationFailed, OSError) as e:
+            text = str(e) if not isinstance(e, OSError) else f"cannot read {mf.path}: {e.strerror or e}"
+            self._fail(rec, text, report, fields)
+            return report
+        except StateError:
+            raise
+        except Exception as e:  # a bug: record it against the file, keep the run going
+            log.exception("unexpected error uploading %s", rec.blob_name, extra={"fields": fields})
+            self._fail(rec, f"internal error: {type(e).__name__}: {e}", report, fields)
+            return report
+
+        self._record_success(mf, rec, result, report, fields)
+        return report
+
+    def _fail(self, rec: FileRecord, error: str, report: RunReport, fields: dict) -> None:
+        new_state = self.state.mark_failed(rec.blob_name, error, self.config.retry)
+        report.errors.append({"blob_name": rec.blob_name, "error": error})
+        if new_state == "dead":
+            report.dead += 1
+            log.error(
+                "giving up on %s after %d attempts: %s (see `gighive-media status`; "
+                "`gighive-media requeue` retries it)",
+                rec.blob_name,
+                rec.attempts + 1,
+                error,
+                extra={"fields": fields},
+            )
+        else:
+            report.failed += 1
+            log.warning("upload of %s failed, will retry: %s", rec.blob_name, error, extra={"fields": fields})
+
+    def _record_success(
+        self, mf: MediaFile, rec: FileRecord, result: TransferResult, report: RunReport, fields: dict
+    ) -> None:
+        now = time.time()
+        pointer = POINTER_PENDING if self.pointer_db is not None else POINTER_NONE
+        self.state.mark_uploaded(
+            rec.blob_name,
+            size=result.size,
+            mtime_ns=result.mtime_ns,
+            inode=result.inode,
+            sha256=result.sha256,
+            md5=result.md5.hex(),
+            etag=result.etag,
+            verified_at=now,
+            pointer=pointer,
+            blocks_reused=result.blocks_reused,
+        )
+        if result.already_present:
+            report.already_present += 1
+        else:
+            report.uploaded += 1
+            report.bytes_uploaded += result.size
+        report.blocks_reused += result.blocks_reused
+        log.info(
+            "%s %s (%d bytes, %.2f s%s)",
+            "verified existing blob" if result.already_present else "uploaded and verified",
+            rec.blob_name,
+            result.size,
+            result.seconds,
+            f", {result.blocks_reused} of {result.blocks_total} blocks reused" if result.blocks_reused else "",
+            extra={
+                "fields": {
+                    **fields,
+                    "sha256": result.sha256,
+                    "bytes": result.size,
+                    "duration_s": f"{result.seconds:.3f}",
+                    "etag": result.etag,
+                }
+            },
+        )
+        if self.pointer_db is not None:
+            self._flip_pointer(rec.blob_name, report)
+        if self.config.delete_local:
+            self._evict(rec.blob_name, report)
+
+    # ---- DB pointer and local eviction ------------------------------------------------------
+
+    def _flip_pointer(self, blob_name: str, report: RunReport) -> bool:
+        rec = self.state.get(blob_name)
+        mf = media_file_for_blob(self.config, blob_name)
+        if rec is None or mf is None or self.pointer_db is None or rec.sha256 is None:
+            return False
+        try:
+            with self._db_lock:
+                self.pointer_db.record_blob(
+                    mf,
+                    container=self.config.container or "",
+                    etag=rec.etag or "",
+                    size=rec.size or 0,
+                    md5_hex=rec.md5 or "",
+                    sha256=rec.sha256,
+                    uploaded_at=rec.uploaded_at or time.time(),
+                    verified_at=rec.verified_at or time.time(),
+                    local_copy=bool(rec.local_copy),
+                )
+        except PointerUnavailable as e:
+            self.state.set_pointer(blob_name, POINTER_PENDING, str(e))
+            report.pointer_failures += 1
+            log.warning(
+                "blob %s is uploaded, but the DB pointer could not be updated (will retry): %s",
+                blob_name,
+                e,
+                extra={"fields": {"blob_name": blob_name}},
+            )
+            return False
+        self.state.set_pointer(blob_name, POINTER_DONE)
+        report.pointers_flipped += 1
+        return True
+
+    def flip_pending_pointers(self) -> RunReport:
+        report = RunReport()
+        if self.pointer_db is None:
+            return report
+        for rec in self.state.pointer_pending():
+            if not self._flip_pointer(rec.blob_name, report):
+                break  # MySQL is down: the rest would fail the same way
+        return report
+
+    def _evict(self, blob_name: str, report: RunReport) -> None:
+        rec = self.state.get(blob_name)
+        mf = media_file_for_blob(self.config, blob_name)
+        if rec is None or mf is None or rec.state != "uploaded" or not rec.local_copy:
+            return
+        if rec.pointer not in (POINTER_DONE, POINTER_NONE) or (
+            rec.pointer == POINTER_NONE and self.pointer_db is not None
+        ):
+            return  # the DB does not point at the blob yet: the local copy is still the truth
+        fields = {"blob_name": blob_name, "sha256": rec.sha256}
+        try:
+            st = os.lstat(mf.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_size, st.st_mtime_ns, st.st_ino) != (rec.size, rec.mtime_ns, rec.inode):
+            log.warning("not deleting %s: it changed since it was verified", mf.path, extra={"fields": fields})
+            return
+        # The blob must still be the one that was verified: someone may have deleted or replaced it.
+        try:
+            info = self.store.stat(blob_name)
+        except StoreUnavailable as e:
+            log.warning("not deleting %s yet: cannot confirm its blob: %s", mf.path, e, extra={"fields": fields})
+            return
+        if info is None or info.etag != rec.etag or info.size != rec.size or info.sha256 != rec.sha256:
+            log.error(
+                "not deleting %s: its blob is missing or differs from the verified one; queued again",
+                mf.path,
+                extra={"fields": fields},
+            )
+            self.state.requeue(["uploaded"], [blob_name])
+            return
+        if st is not None:
+            try:
+                os.unlink(mf.path)
+            except OSError as e:
+                log.warning(
+                    "cannot delete local copy %s: %s (DELETE_LOCAL_AFTER_UPLOAD needs write access to its directory)",
+                    mf.path,
+                    e.strerror,
+                    extra={"fields": fields},
+                )
+                return
+        self.state.mark_evicted(blob_name)
+        report.evicted += 1
+        log.info("deleted local copy of %s; it is served from Blob now", blob_name, extra={"fields": fields})
+        if self.pointer_db is not None:
+            self.state.set_pointer(blob_name, POINTER_PENDING)
+            self._flip_pointer(blob_name, report)
+
+    def evict_ready(self) -> RunReport:
+        report = RunReport()
+        if not self.config.delete_local:
+            return report
+        for rec in self.state.eviction_candidates():
+            self._evict(rec.blob_name, report)
+        return report
+
+    def housekeeping(self) -> RunReport:
+        """Pointer flips that failed earlier, then evictions that were waiting for them."""
+        report = self.flip_pending_pointers()
+        report.add(self.evict_ready())
+        return report
+
+
+def process_paths(worker: Worker, paths: Iterable[Path]) -> int:
+    return sum(1 for p in paths if worker.enqueue_path(p))
