@@ -107,6 +107,9 @@ class Config:
     verify_readback: bool = False
     log_level: str = "info"
     source: Path | None = None
+    # Every variable as read (file + environment), for components that own their own settings
+    # (the stream server reads STREAM_* from here). Never printed: it may hold secrets.
+    values: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_azure(self) -> bool:
@@ -527,6 +530,7 @@ def load(
         verify_readback=r.boolean("UPLOAD_VERIFY_READBACK", False),
         log_level=level,
         source=source,
+        values=values,
         **kwargs,  # type: ignore[arg-type]
     )
     if config.bandwidth_limit and config.bandwidth_limit < 16 * 1024:
