@@ -113,7 +113,9 @@ def test_each_bad_value_is_reported_by_name(tmp_path, variable, value, fragment)
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
-    problems = errors_of(tmp_path, AZURE_STORAGE_ACCOUNT_NAME="X", AZURE_STORAGE_CONTAINER_NAME="Y", UPLOAD_BLOCK_SIZE="z")
+    problems = errors_of(
+        tmp_path, AZURE_STORAGE_ACCOUNT_NAME="X", AZURE_STORAGE_CONTAINER_NAME="Y", UPLOAD_BLOCK_SIZE="z"
+    )
     assert {"AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_CONTAINER_NAME", "UPLOAD_BLOCK_SIZE"} <= set(problems)
 
 
@@ -210,9 +212,16 @@ def test_empty_secret_file_is_refused(tmp_path):
 
 def test_mysql_settings(tmp_path):
     pw = private_file(tmp_path / "pw", "dbpass\n")
-    cfg = load_env(tmp_path, MYSQL_HOST="127.0.0.1", MYSQL_PORT="3307", MYSQL_USER="gighive", MYSQL_PASSWORD_FILE=str(pw))
+    cfg = load_env(
+        tmp_path, MYSQL_HOST="127.0.0.1", MYSQL_PORT="3307", MYSQL_USER="gighive", MYSQL_PASSWORD_FILE=str(pw)
+    )
     assert cfg.mysql is not None
-    assert (cfg.mysql.host, cfg.mysql.port, cfg.mysql.database, cfg.mysql.user) == ("127.0.0.1", 3307, "media_db", "gighive")
+    assert (cfg.mysql.host, cfg.mysql.port, cfg.mysql.database, cfg.mysql.user) == (
+        "127.0.0.1",
+        3307,
+        "media_db",
+        "gighive",
+    )
     assert cfg.mysql.password.reveal() == "dbpass"
     assert "dbpass" not in str(cfg.summary())
 
@@ -260,7 +269,7 @@ def test_sizes_accept_binary_suffixes(tmp_path):
 
 def test_env_file_syntax():
     values = parse_env_file(
-        "# comment\n; also a comment\n\nA=1\nexport B = two words\nC=\"quoted \\\"x\\\"\"\nD='single'\n"
+        '# comment\n; also a comment\n\nA=1\nexport B = two words\nC="quoted \\"x\\""\nD=\'single\'\n'
     )
     assert values == {"A": "1", "B": "two words", "C": 'quoted "x"', "D": "single"}
 
@@ -289,7 +298,9 @@ def test_cli_exits_78_and_names_the_variable(tmp_path):
 
 def test_cli_missing_explicit_config_file_exits_78(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "agent", "--config", str(tmp_path / "nope.env"), "status"], capture_output=True, text=True
+        [sys.executable, "-m", "agent", "--config", str(tmp_path / "nope.env"), "status"],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 78
     assert "does not exist" in proc.stderr

@@ -89,7 +89,12 @@ def test_blob_name_maps_back_to_the_local_path(config):
 
 @pytest.mark.parametrize(
     ("name", "ctype"),
-    [("a.mp3", "audio/mpeg"), ("a.M4A", "audio/mp4"), ("a.mov", "video/quicktime"), ("a.unknownext", "application/octet-stream")],
+    [
+        ("a.mp3", "audio/mpeg"),
+        ("a.M4A", "audio/mp4"),
+        ("a.mov", "video/quicktime"),
+        ("a.unknownext", "application/octet-stream"),
+    ],
 )
 def test_content_types(name, ctype):
     assert content_type_for(name) == ctype

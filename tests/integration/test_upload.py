@@ -1,0 +1,377 @@
+"""The upload path end to end against a real Azurite, real files and (where named) a real MariaDB."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+
+from agent.actions import retry, upload
+from agent.state import StateStore
+from tests.integration.agent_harness import (
+    Harness,
+    blob_bytes,
+    blob_names,
+    connection_string_settings,
+    container_client,
+)
+from tests.support.media import make_content_addressed, make_thumbnail
+
+
+@pytest.fixture
+def harness(tmp_path, azurite, blob_container, media_roots) -> Harness:
+    h = Harness(tmp_path, media_roots)
+    h.settings = connection_string_settings(
+        azurite.connection_string, blob_container.container_name, media_roots, h.state_dir
+    )
+    h.write_config()
+    return h
+
+
+def library(roots, large: int = 1_300_000):
+    """Two audio files, one multi-block video and its thumbnail."""
+    a1, s1 = make_content_addressed(roots["audio"], 5_000, "mp3", seed=1)
+    a2, s2 = make_content_addressed(roots["audio"], 300_000, "m4a", seed=2)
+    v, sv = make_content_addressed(roots["video"], large, "mp4", seed=3)
+    t = make_thumbnail(roots["video"], sv)
+    return {
+        f"audio/{s1}.mp3": a1,
+        f"audio/{s2}.m4a": a2,
+        f"video/{sv}.mp4": v,
+        f"video/thumbnails/{sv}.png": t,
+    }
+
+
+def states(h: Harness) -> dict[str, str]:
+    s = StateStore.open(h.state_dir)
+    try:
+        return {
+            r.blob_name: r.state
+            for r in s.in_state(*(["pending", "uploading", "uploaded", "failed", "dead", "quarantined", "evicted"]))
+        }
+    finally:
+        s.close()
+
+
+def test_uploads_every_file_verified_and_byte_identical(harness, blob_container, media_roots):
+    files = library(media_roots)
+    result = upload.run(harness.config(), watch=False)
+    assert result["uploaded"] == 4
+    assert result["failed"] == 0 and result["quarantined"] == 0
+    assert blob_names(blob_container) == set(files)
+    for name, path in files.items():
+        data = path.read_bytes()
+        assert blob_bytes(blob_container, name) == data
+        props = blob_container.get_blob_client(name).get_blob_properties()
+        assert bytes(props.content_settings.content_md5) == hashlib.md5(data).digest()  # noqa: S324
+        assert props.metadata["sha256"] == hashlib.sha256(data).hexdigest()
+    ctypes = {n: blob_container.get_blob_client(n).get_blob_properties().content_settings.content_type for n in files}
+    assert sorted(ctypes.values()) == ["audio/mp4", "audio/mpeg", "image/png", "video/mp4"]
+    assert set(states(harness).values()) == {"uploaded"}
+    # Nothing local was touched: delete-after-upload is off by default.
+    assert all(p.exists() for p in files.values())
+
+
+def test_multi_block_upload_uses_deterministic_blocks(harness, blob_container, media_roots):
+    path, sha = make_content_addressed(media_roots["video"], 1_000_000, "mp4", seed=9)
+    upload.run(harness.config(), watch=False)
+    committed, _ = blob_container.get_blob_client(f"video/{sha}.mp4").get_block_list("committed")
+    # 256 KiB blocks: four blocks, ids = index + MD5 of the block's bytes.
+    assert len(committed) == 4
+    data = path.read_bytes()
+    for i, block in enumerate(committed):
+        chunk = data[i * 262144 : (i + 1) * 262144]
+        assert block.id == f"{i:06d}-{hashlib.md5(chunk).hexdigest()}"  # noqa: S324
+
+
+def test_second_run_uploads_nothing(harness, blob_container, media_roots):
+    library(media_roots)
+    upload.run(harness.config(), watch=False)
+    etags = {b.name: b.etag for b in blob_container.list_blobs()}
+    again = upload.run(harness.config(), watch=False)
+    assert again["uploaded"] == 0 and again["scan"]["new"] == 0
+    assert {b.name: b.etag for b in blob_container.list_blobs()} == etags
+
+
+def test_content_already_in_blob_is_not_uploaded_again(harness, blob_container, media_roots):
+    """Lost state (new host, wiped state dir): the blobs are recognised by size and sha256."""
+    library(media_roots)
+    upload.run(harness.config(), watch=False)
+    etags = {b.name: b.etag for b in blob_container.list_blobs()}
+    for p in harness.state_dir.iterdir():
+        p.unlink()
+    result = upload.run(harness.config(), watch=False)
+    assert result["uploaded"] == 0
+    assert result["already_present"] == 4
+    assert {b.name: b.etag for b in blob_container.list_blobs()} == etags
+
+
+def test_stale_blob_with_other_content_is_replaced(harness, blob_container, media_roots):
+    t = make_thumbnail(media_roots["video"], "c" * 64)
+    blob_container.upload_blob(f"video/thumbnails/{'c' * 64}.png", b"old thumbnail")
+    result = upload.run(harness.config(), watch=False)
+    assert result["uploaded"] == 1
+    assert blob_bytes(blob_container, f"video/thumbnails/{'c' * 64}.png") == t.read_bytes()
+
+
+def test_file_whose_hash_differs_from_its_name_is_quarantined(harness, blob_container, media_roots):
+    good, _ = make_content_addressed(media_roots["audio"], 10_000, "mp3", seed=4)
+    bad = media_roots["audio"] / f"{'d' * 64}.mp3"
+    bad.write_bytes(b"these bytes do not hash to dddd...")
+    big_bad = media_roots["video"] / f"{'e' * 64}.mp4"
+    big_bad.write_bytes(os.urandom(700_000))
+    before = {p: p.read_bytes() for p in (bad, big_bad)}
+    result = upload.run(harness.config(), watch=False)
+    assert result["quarantined"] == 2
+    assert result["uploaded"] == 1
+    names = blob_names(blob_container)
+    assert f"audio/{'d' * 64}.mp3" not in names
+    assert f"video/{'e' * 64}.mp4" not in names
+    # Never "fixed": the corrupt files are left exactly as they were.
+    assert {p: p.read_bytes() for p in before} == before
+    status = harness.cli_json("status")
+    attention = {i["blob_name"]: i for i in status["attention"]}
+    assert attention[f"audio/{'d' * 64}.mp3"]["state"] == "quarantined"
+    assert "local corruption" in attention[f"audio/{'d' * 64}.mp3"]["last_error"]
+
+
+def test_symlinks_fifos_hidden_and_temporary_files_are_not_uploaded(harness, blob_container, media_roots, tmp_path):
+    secret = tmp_path / "outside.txt"
+    secret.write_text("not media")
+    (media_roots["audio"] / f"{'f' * 64}.mp3").symlink_to(secret)
+    os.mkfifo(media_roots["audio"] / "pipe.mp3")
+    (media_roots["audio"] / ".hidden.mp3").write_bytes(b"x")
+    (media_roots["video"] / "upload.mp4.part").write_bytes(b"x")
+    (media_roots["video"] / ".git").mkdir()
+    (media_roots["video"] / ".git" / "x.mp4").write_bytes(b"x")
+    ok, sha = make_content_addressed(media_roots["audio"], 1000, "mp3", seed=5)
+    result = upload.run(harness.config(), watch=False)
+    assert blob_names(blob_container) == {f"audio/{sha}.mp3"}
+    skipped = {os.path.basename(s["path"]): s["reason"] for s in result["scan"]["skipped"]}
+    assert "symbolic link" in skipped[f"{'f' * 64}.mp3"]
+    assert "FIFO" in skipped["pipe.mp3"]
+    assert set(states(harness)) == {f"audio/{sha}.mp3"}
+
+
+def test_file_changing_during_upload_is_not_committed_and_is_retried(harness, blob_container, media_roots):
+    """A writer appends while the agent reads: nothing is committed, the file is deferred, then
+    uploaded whole once it is stable."""
+    thumb = media_roots["video"] / "thumbnails" / f"{'1' * 64}.png"
+    thumb.write_bytes(os.urandom(900_000))
+    cfg = harness.config()
+    from agent.storage.azure_blob import AzureBlobStore
+
+    original = AzureBlobStore.stage_block
+    calls = []
+
+    def stage_and_grow(self, name, block_id, data, md5):
+        calls.append(block_id)
+        if len(calls) == 1:
+            with open(thumb, "ab") as f:  # a real concurrent append to the real file
+                f.write(b"more bytes arriving")
+        return original(self, name, block_id, data, md5)
+
+    AzureBlobStore.stage_block = stage_and_grow
+    try:
+        first = upload.run(cfg, watch=False)
+    finally:
+        AzureBlobStore.stage_block = original
+    assert first["deferred"] == 1 and first["uploaded"] == 0
+    assert blob_names(blob_container) == set()
+    second = upload.run(cfg, watch=False)
+    assert second["uploaded"] == 1
+    assert blob_bytes(blob_container, f"video/thumbnails/{'1' * 64}.png") == thumb.read_bytes()
+
+
+def test_restarted_upload_reuses_staged_blocks(harness, blob_container, media_roots):
+    path, sha = make_content_addressed(media_roots["video"], 2_000_000, "mp4", seed=6)
+    cfg = harness.config(UPLOAD_BLOCK_CONCURRENCY="1")
+    from agent.storage.azure_blob import AzureBlobStore
+
+    original = AzureBlobStore.stage_block
+    sent = []
+
+    def stage_then_fail(self, name, block_id, data, md5):
+        if len(sent) == 3:
+            raise ConnectionResetError("link dropped")
+        sent.append(block_id)
+        return original(self, name, block_id, data, md5)
+
+    AzureBlobStore.stage_block = stage_then_fail
+    try:
+        first = upload.run(cfg, watch=False)
+    finally:
+        AzureBlobStore.stage_block = original
+    assert first["failed"] == 1
+    assert blob_names(blob_container) == set()  # uncommitted blocks are invisible
+    second = retry.run(cfg)
+    assert second["uploaded"] == 1
+    assert second["blocks_reused"] == 3
+    assert blob_bytes(blob_container, f"video/{sha}.mp4") == path.read_bytes()
+
+
+def test_azurite_down_during_upload_keeps_the_file_and_retry_uploads_it(tmp_path, azurite_factory, media_roots):
+    az = azurite_factory()
+    from azure.storage.blob import BlobServiceClient
+
+    BlobServiceClient.from_connection_string(az.connection_string).create_container("media")
+    h = Harness(tmp_path, media_roots)
+    h.settings = connection_string_settings(az.connection_string, "media", media_roots, h.state_dir)
+    cfg = h.config()
+    path, sha = make_content_addressed(media_roots["video"], 1_500_000, "mp4", seed=7)
+    from agent.storage.azure_blob import AzureBlobStore
+
+    original = AzureBlobStore.stage_block
+    killed = []
+
+    def stage_and_kill(self, name, block_id, data, md5):
+        if not killed:
+            killed.append(True)
+            az.kill()  # the service dies mid-upload, SIGKILL
+        return original(self, name, block_id, data, md5)
+
+    AzureBlobStore.stage_block = stage_and_kill
+    try:
+        first = upload.run(cfg, watch=False)
+    finally:
+        AzureBlobStore.stage_block = original
+    assert first["failed"] == 1
+    assert path.exists()
+    status = h.cli_json("status")
+    assert status["counts"]["failed"] == 1
+    assert "unreachable" in status["failing"][0]["last_error"]
+    az.start()
+    # Azure keeps its containers through an outage; Azurite loses unflushed metadata on SIGKILL.
+    if not container_client(az.connection_string, "media").exists():
+        container_client(az.connection_string, "media").create_container()
+    second = retry.run(cfg)
+    assert second["uploaded"] == 1
+    assert blob_bytes(container_client(az.connection_string, "media"), f"video/{sha}.mp4") == path.read_bytes()
+
+
+def test_repeated_failures_go_dead_and_requeue_brings_them_back(tmp_path, azurite_factory, media_roots):
+    az = azurite_factory()
+    from azure.storage.blob import BlobServiceClient
+
+    BlobServiceClient.from_connection_string(az.connection_string).create_container("media")
+    h = Harness(tmp_path, media_roots)
+    h.settings = connection_string_settings(az.connection_string, "media", media_roots, h.state_dir)
+    h.write_config(RETRY_MAX_ATTEMPTS="2")
+    make_content_addressed(media_roots["audio"], 1000, "mp3", seed=8)
+    az.stop()
+    assert h.cli("upload", "--no-watch").returncode == 0  # failures are recorded, not fatal
+    assert h.cli("retry").returncode == 0
+    status = h.cli("status")
+    assert status.returncode == 1  # an item needs attention
+    assert "[dead]" in status.stdout
+    az.start()
+    assert "requeued 1" in h.cli("requeue", check=True).stdout
+    assert h.cli_json("retry")["uploaded"] == 1
+    assert h.cli("status").returncode == 0
+
+
+def test_crash_mid_upload_is_repaired_by_the_next_run(harness, blob_container, media_roots):
+    """State says `uploading` (a process died after the commit, before recording it): the next run
+    recognises the committed blob instead of uploading again."""
+    files = library(media_roots)
+    cfg = harness.config()
+    upload.run(cfg, watch=False)
+    etags = {b.name: b.etag for b in blob_container.list_blobs()}
+    s = StateStore.open(harness.state_dir)
+    s._db.execute("UPDATE files SET state = 'uploading', sha256 = NULL, etag = NULL")
+    s.close()
+    result = retry.run(cfg)
+    assert result["already_present"] == len(files)
+    assert result["uploaded"] == 0
+    assert {b.name: b.etag for b in blob_container.list_blobs()} == etags
+    assert set(states(harness).values()) == {"uploaded"}
+
+
+def test_delete_local_without_db_evicts_only_after_verification(harness, blob_container, media_roots):
+    files = library(media_roots)
+    result = upload.run(harness.config(DELETE_LOCAL_AFTER_UPLOAD="true"), watch=False)
+    assert result["evicted"] == 4
+    assert not any(p.exists() for p in files.values())
+    assert blob_names(blob_container) == set(files)
+    assert set(states(harness).values()) == {"evicted"}
+
+
+def test_file_that_changed_after_verification_is_not_deleted(harness, blob_container, media_roots):
+    thumb = make_thumbnail(media_roots["video"], "2" * 64)
+    cfg = harness.config()
+    upload.run(cfg, watch=False)
+    thumb.write_bytes(b"regenerated thumbnail")  # same name, new content, after the verified upload
+    from agent.context import queue_worker
+
+    with queue_worker(harness.config(DELETE_LOCAL_AFTER_UPLOAD="true"), wait_for_lock=False) as w:
+        assert w.evict_ready().evicted == 0
+    assert thumb.exists()
+
+
+def test_watch_mode_uploads_files_that_arrive_while_running(harness, blob_container, media_roots):
+    cfg = harness.config(UPLOAD_IDLE_EXIT_SECONDS="4")
+    arrived = []
+
+    def arrive():
+        time.sleep(1.0)
+        arrived.append(make_content_addressed(media_roots["audio"], 2000, "mp3", seed=11))
+
+    t = threading.Thread(target=arrive)
+    t.start()
+    result = upload.run(cfg, watch=True)
+    t.join()
+    _, sha = arrived[0]
+    assert f"audio/{sha}.mp3" in blob_names(blob_container)
+    assert result["uploaded"] == 1
+
+
+def test_two_uploaders_never_upload_the_same_file_twice(harness, blob_container, media_roots):
+    for i in range(12):
+        make_content_addressed(media_roots["audio"], 40_000, "mp3", seed=100 + i)
+    harness.write_config(UPLOAD_IDLE_EXIT_SECONDS="0")
+    procs = [harness.spawn("upload", "--no-watch", "--json") for _ in range(2)]
+    outputs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        import json
+
+        outputs.append(json.loads(out))
+    assert sum(o["uploaded"] for o in outputs) == 12
+    assert sum(o["already_present"] for o in outputs) == 0
+    assert len(blob_names(blob_container)) == 12
+
+
+def test_retry_steps_aside_while_an_upload_holds_the_queue(harness, media_roots):
+    from agent.lock import QueueLock
+
+    harness.config()
+    lock = QueueLock(harness.state_dir)
+    lock.acquire()
+    try:
+        result = harness.cli_json("retry")
+    finally:
+        lock.release()
+    assert "skipped" in result
+
+
+def test_local_backend_does_nothing(harness, blob_container, media_roots):
+    library(media_roots)
+    harness.write_config(MEDIA_STORAGE_BACKEND="local")
+    proc = harness.cli("upload", "--no-watch")
+    assert proc.returncode == 0
+    assert "nothing to upload" in proc.stderr
+    assert blob_names(blob_container) == set()
+
+
+def test_bandwidth_cap_limits_the_rate(harness, blob_container, media_roots):
+    """The cap is honoured in aggregate: 600 KiB at 256 KiB/s cannot finish in under ~1.3 s.
+    (A lower bound follows from the token bucket; no upper timing bound is asserted.)"""
+    make_content_addressed(media_roots["video"], 600 * 1024, "mp4", seed=12)
+    cfg = harness.config(UPLOAD_BANDWIDTH_LIMIT="256KiB")
+    started = time.monotonic()
+    upload.run(cfg, watch=False)
+    assert time.monotonic() - started >= (600 - 256) / 256 * 0.95
