@@ -94,3 +94,5 @@ def setup(level: str = "info", force_stderr: bool = False) -> None:
     # more than an operator's journal should hold.
     for noisy in ("azure", "urllib3", "msal"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # azure-identity warns once per failed token attempt; the agent reports the outcome itself.
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)

@@ -29,7 +29,7 @@ def transport_kwargs(config: Config) -> dict[str, Any]:
 
 def build_credential(config: Config) -> Any:
     """A TokenCredential for managed_identity / service_principal; None for connection_string."""
-    from azure.identity import ClientCertificateCredential, ClientSecretCredential, ManagedIdentityCredential
+    from azure.identity import CertificateCredential, ClientSecretCredential, ManagedIdentityCredential
 
     kwargs = transport_kwargs(config)
     if config.auth_mode == "managed_identity":
@@ -43,7 +43,7 @@ def build_credential(config: Config) -> Any:
             # metadata to discover.
             kwargs["disable_instance_discovery"] = True
         if config.client_certificate_path is not None:
-            return ClientCertificateCredential(
+            return CertificateCredential(
                 config.tenant_id, config.client_id, certificate_path=str(config.client_certificate_path), **kwargs
             )
         assert config.client_secret is not None

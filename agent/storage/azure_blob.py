@@ -45,6 +45,9 @@ _HINTS = {
 
 def _describe(e: Exception) -> str:
     """One line for the journal and `status`: what failed and, where known, what to do."""
+    # ClientAuthenticationError is an HttpResponseError too, but it means no token was obtained.
+    if isinstance(e, ClientAuthenticationError) and getattr(e, "status_code", None) is None:
+        return f"cannot get a token: {str(e).splitlines()[0][:300]}"
     if isinstance(e, HttpResponseError):
         raw_code = getattr(e, "error_code", None) or ""
         code = getattr(raw_code, "value", raw_code)
@@ -53,8 +56,6 @@ def _describe(e: Exception) -> str:
         text = f"HTTP {status} {code}: {first}".strip()
         hint = _HINTS.get(str(code))
         return f"{text} ({hint})" if hint else text
-    if isinstance(e, ClientAuthenticationError):
-        return f"cannot get a token: {str(e).splitlines()[0][:300]}"
     if isinstance(e, (ServiceRequestError, ServiceResponseError)):
         return f"Azure Blob unreachable: {_network_reason(str(e))}"
     return f"{type(e).__name__}: {str(e)[:300]}"
