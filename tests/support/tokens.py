@@ -183,7 +183,10 @@ class TokenServer:
 
     def fail_next(self, n: int = 1, status: int = 500) -> None:
         """The next n token requests (IMDS or Entra token endpoint, not discovery) fail with status.
-        status 0 drops the connection without an answer, like an endpoint that resets."""
+        status 0 drops the connection without an answer, like an endpoint that resets.
+
+        azure-identity's IMDS client retries 404/410/429/5xx up to 5 times with growing sleeps (and
+        410 for over 70 s); 400 fails at once, so prefer it unless the retry itself is under test."""
         with self._lock:
             self._failures.extend([status] * n)
 
