@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import time
@@ -299,3 +300,38 @@ def test_media_helpers(media_roots):
     again, sha_again = make_content_addressed(media_roots["audio"], 5000, "mp3", seed=3)
     assert sha_again == sha and again.suffix == ".mp3"
     assert not [p for p in os.listdir(media_roots["video"]) if p.startswith(".tmp")]
+
+
+def test_short_lived_tokens_are_fetched_again(azurite_oauth, imds_env, tls):
+    # The SDK renews a token that expires within 5 minutes before each use, so 240 s forces it.
+    imds_env.set_lifetime(240)
+    client_id = str(uuid.uuid4())
+    cred = ManagedIdentityCredential(client_id=client_id)
+    service = BlobServiceClient(azurite_oauth.blob_endpoint, credential=cred, connection_verify=str(tls.ca))
+    container = service.create_container(unique_name())
+    container.upload_blob("a", b"1")
+    assert len(imds_env.token_requests(client_id)) >= 2
+
+
+def test_dropped_connection_is_retried_by_the_imds_client(imds_env):
+    client_id = str(uuid.uuid4())
+    imds_env.fail_next(1, 0)
+    ManagedIdentityCredential(client_id=client_id).get_token(STORAGE_SCOPE)
+    assert [r.status for r in imds_env.token_requests(client_id)] == [0, 200]
+
+
+def test_token_endpoint_needs_the_metadata_header(token_server):
+    import urllib.error
+    import urllib.request
+
+    url = f"{token_server.url}/metadata/identity/oauth2/token?api-version=2018-02-01&resource={STORAGE_RESOURCE}"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url, timeout=10)  # noqa: S310 - loopback test server
+    assert err.value.code == 400
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Metadata": "true"}), timeout=10) as r:  # noqa: S310
+        body = json.loads(r.read())
+    assert body["token_type"] == "Bearer" and int(body["expires_in"]) == 3600
+    header, claims = decode_jwt(body["access_token"])
+    assert header["alg"] == "RS256"
+    assert claims["iss"] == f"https://sts.windows.net/{token_server.tenant_id}/"
+    assert claims["nbf"] <= time.time() < claims["exp"]
