@@ -304,3 +304,13 @@ def test_cli_missing_explicit_config_file_exits_78(tmp_path):
     )
     assert proc.returncode == 78
     assert "does not exist" in proc.stderr
+
+
+def test_shipped_example_config_is_valid(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "docs" / "agent.env.example"
+    cfg = tmp_path / "agent.env"
+    cfg.write_text(example.read_text())
+    cfg.chmod(0o640)
+    assert load(cfg, environ={}).backend == "local"
+    # Switching the backend on is the only change an Azure VM with a managed identity needs.
+    assert load(cfg, environ={"MEDIA_STORAGE_BACKEND": "azure_blob"}).auth_mode == "managed_identity"
