@@ -1,0 +1,379 @@
+"""One request: map the URL, pick the source, apply RFC 9110, send.
+
+The same code path answers for local files and for blobs; only the body transport differs
+(sendfile for a local file descriptor, a chunked read loop for a blob range).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from http import HTTPStatus
+
+from ..config import Config
+from ..media import MediaFile
+from ..storage import ObjectChanged, ObjectNotFound
+from .http import (
+    ALLOWED_METHODS,
+    HttpError,
+    Multipart,
+    Request,
+    Unsatisfiable,
+    check_preconditions,
+    content_range,
+    format_status_line,
+    http_date,
+    if_range_allows,
+    parse_range,
+    utc_timestamp,
+)
+from .settings import StreamSettings
+from .sources import OpenObject, RangeReader, Sources, UpstreamError
+from .urls import media_file_for_target
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, str]]
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped reading; nothing more can be sent."""
+
+
+class Stats:
+    """Counters for STATUS= and the idle check, shared by all connection threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.connections = 0
+        self.active_streams = 0
+        self.bytes_sent = 0
+        self.requests = 0
+        self.upstream_errors = 0
+        self.last_activity = time.monotonic()
+        self.version = 0  # bumped on every change the STATUS line shows
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+            self.last_activity = time.monotonic()
+            self.version += 1
+
+    def add_bytes(self, n: int) -> None:
+        # Hot path: no lock. A lost update only makes the STATUS line a little low.
+        self.bytes_sent += n
+
+
+class Output:
+    """The client side of one connection: bounded-time sends, sendfile, byte counting."""
+
+    def __init__(self, conn: socket.socket, settings: StreamSettings, stats: Stats):
+        self.conn = conn
+        self.settings = settings
+        self.stats = stats
+        self.head_sent = False
+        self.broken = False
+        self.sent = 0  # bytes written to this connection
+
+    def send(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        try:
+            # sendall's timeout bounds the whole call; a chunk is small, so this is the time a
+            # client may go without reading before it is dropped.
+            self.conn.settimeout(self.settings.send_timeout)
+            self.conn.sendall(data)
+        except OSError as e:  # BrokenPipe, ConnectionReset, TimeoutError
+            self.broken = True
+            raise ClientGone(str(e) or type(e).__name__) from e
+        self.sent += len(data)
+        self.stats.add_bytes(len(data))
+
+    def sendfile(self, fd: int, offset: int, count: int) -> None:
+        """Zero-copy from a file descriptor; the bytes never enter this process."""
+        self.conn.settimeout(self.settings.send_timeout)  # makes the fd non-blocking
+        sock_fd = self.conn.fileno()
+        poller = select.poll()
+        poller.register(sock_fd, select.POLLOUT)
+        while count > 0:
+            try:
+                sent = os.sendfile(sock_fd, fd, offset, min(count, 1 << 30))
+            except BlockingIOError:
+                if not poller.poll(self.settings.send_timeout * 1000):
+                    self.broken = True
+                    raise ClientGone("client did not read within the send timeout") from None
+                continue
+            except OSError as e:
+                self.broken = True
+                raise ClientGone(str(e)) from e
+            if sent == 0:
+                raise UpstreamError("local file shrank while it was being sent")
+            offset += sent
+            count -= sent
+            self.sent += sent
+            self.stats.add_bytes(sent)
+
+    def head(self, status: int, headers: Headers, first_body: bytes = b"") -> None:
+        lines = [format_status_line(status), f"Date: {http_date(time.time())}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in headers]
+        lines.append("\r\n")
+        self.head_sent = True
+        # One write for the head and the first body bytes: one packet, not two.
+        self.send("".join(lines).encode("latin-1") + first_body)
+
+
+def error_response(
+    out: Output, status: int, detail: str = "", head_only: bool = False, extra: Iterable[tuple[str, str]] = ()
+) -> None:
+    body = f"{status} {detail or HTTPStatus(status).phrase}\n".encode()
+    extra = list(extra)
+    headers: Headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("X-Content-Type-Options", "nosniff"),
+    ]
+    if not any(name == "Cache-Control" for name, _ in extra):
+        headers.append(("Cache-Control", "no-store"))
+    headers += extra
+    out.head(status, headers, b"" if head_only else body)
+
+
+class Handler:
+    def __init__(self, config: Config, settings: StreamSettings, sources: Sources, stats: Stats):
+        self.config = config
+        self.settings = settings
+        self.sources = sources
+        self.stats = stats
+
+    # ---- entry -------------------------------------------------------------------------------
+    def handle(self, req: Request, out: Output) -> bool:
+        """Answer one request; True if the connection may serve another one."""
+        self.stats.add(requests=1)
+        keep_alive = req.keep_alive and not req.has_body
+        head_only = req.method == "HEAD"
+        if req.method not in ALLOWED_METHODS:
+            self._log_refusal(req, 405)
+            error_response(out, 405, extra=[("Allow", ", ".join(ALLOWED_METHODS)), *self._conn(keep_alive)])
+            return keep_alive
+        media = media_file_for_target(self.config, req.target)
+        if media is None:
+            self._log_refusal(req, 404)
+            error_response(out, 404, head_only=head_only, extra=self._conn(keep_alive))
+            return keep_alive
+        try:
+            return self._serve(req, out, media, keep_alive)
+        except UpstreamError as e:
+            self.stats.add(upstream_errors=1)
+            status = 504 if e.timeout else 502
+            log.error(
+                "Azure Blob failed while answering %s: %s",
+                media.blob_name,
+                e,
+                extra={"fields": {"blob_name": media.blob_name, "http_status": status, "cause": str(e)}},
+            )
+            if out.head_sent:
+                return False  # the body is cut short; the client sees a truncated response
+            retry_after = [("Retry-After", str(self.settings.retry_after_seconds))]
+            error_response(out, status, head_only=head_only, extra=[*retry_after, *self._conn(keep_alive)])
+            return keep_alive
+
+    @staticmethod
+    def _conn(keep_alive: bool) -> Headers:
+        return [] if keep_alive else [("Connection", "close")]
+
+    def _log_refusal(self, req: Request, status: int) -> None:
+        # Debug only: scanners produce these by the thousand and the front logs them anyway.
+        log.debug("%s %r -> %d", req.method, req.target[:200], status)
+
+    # ---- choosing the bytes ------------------------------------------------------------------
+    def _open(self, media: MediaFile) -> OpenObject | None:
+        obj: OpenObject | None = self.sources.local.open(media)
+        if obj is None and self.sources.blob is not None:
+            obj = self.sources.blob.open(media)
+        return obj
+
+    def _serve(self, req: Request, out: Output, media: MediaFile, keep_alive: bool) -> bool:
+        # A blob that changes between its properties and its read is read again, once; If-Match
+        # on every read makes sure the response never mixes the two versions.
+        for _attempt in range(2):
+            obj = self._open(media)
+            if obj is None:
+                error_response(out, 404, head_only=req.method == "HEAD", extra=self._conn(keep_alive))
+                return keep_alive
+            try:
+                return self._respond(req, out, media, obj, keep_alive)
+            except ObjectChanged:
+                fields = {"fields": {"blob_name": media.blob_name}}
+                if out.head_sent:
+                    log.warning("blob changed while streaming; response cut", extra=fields)
+                    return False
+                log.info("blob changed since its properties were read; reading again", extra=fields)
+            except ObjectNotFound:
+                if out.head_sent:
+                    return False
+                error_response(out, 404, head_only=req.method == "HEAD", extra=self._conn(keep_alive))
+                return keep_alive
+            finally:
+                obj.close()
+        raise UpstreamError(f"{media.blob_name} changed on every read")
+
+    def representation_etag(self, media: MediaFile, obj: OpenObject) -> str:
+        # The sha256 in a content-addressed name identifies the bytes wherever they are stored,
+        # so a client's cached copy stays valid when the file moves from disk to Blob.
+        sha = media.expected_sha256
+        return f'"{sha}"' if sha else obj.info.etag
+
+    # ---- the response ------------------------------------------------------------------------
+    def _respond(self, req: Request, out: Output, media: MediaFile, obj: OpenObject, keep_alive: bool) -> bool:
+        info = obj.info
+        head_only = req.method == "HEAD"
+        expected = media.expected_sha256
+        if expected and info.sha256 and info.sha256.lower() != expected:
+            # The uploader records the sha256 it verified; bytes under another hash are not this name.
+            raise UpstreamError(f"stored object's sha256 {info.sha256} does not match its name")
+        etag = self.representation_etag(media, obj)
+        last_modified = utc_timestamp(info.last_modified)
+        size = info.size
+        validators: Headers = [("ETag", etag)]
+        if last_modified is not None:
+            validators.append(("Last-Modified", http_date(last_modified)))
+        cache = self.settings.immutable_cache_control if expected else self.settings.mutable_cache_control
+        common: Headers = [*validators, ("Cache-Control", cache), *self._conn(keep_alive)]
+
+        precondition = check_preconditions(req, etag, last_modified)
+        if precondition == 304:
+            out.head(304, common)
+            self._log_done(req, media, obj, 304, 0)
+            return keep_alive
+        if precondition == 412:
+            error_response(out, 412, head_only=head_only, extra=[*validators, *self._conn(keep_alive)])
+            return keep_alive
+
+        ranges = None
+        if req.header("range") is not None and if_range_allows(req, etag, last_modified):
+            try:
+                ranges = parse_range(req.header("range"), size, self.settings.max_ranges)
+            except Unsatisfiable:
+                unsatisfied = [("Content-Range", f"bytes */{size}"), *validators, *self._conn(keep_alive)]
+                error_response(out, 416, head_only=head_only, extra=unsatisfied)
+                self._log_done(req, media, obj, 416, 0)
+                return keep_alive
+
+        content_type = media.content_type
+        typed: Headers = [
+            ("Content-Type", content_type),
+            ("Accept-Ranges", "bytes"),
+            ("X-Content-Type-Options", "nosniff"),
+            *common,
+        ]
+        if self.settings.x_accel_prefix and obj.local_path and not head_only:
+            # nginx sends the file (and applies the Range) from its internal location.
+            target = f"{self.settings.x_accel_prefix}/{media.blob_name}"
+            out.head(200, [("X-Accel-Redirect", target), ("Content-Length", "0"), *typed])
+            self._log_done(req, media, obj, 200, 0, via="x-accel")
+            return keep_alive
+
+        if ranges is None:
+            status, parts, multipart = 200, [(0, size - 1)] if size else [], None
+            headers = [("Content-Length", str(size)), *typed]
+        elif len(ranges) == 1:
+            (first, last), status, parts, multipart = ranges[0], 206, ranges, None
+            headers = [
+                ("Content-Range", content_range(first, last, size)),
+                ("Content-Length", str(last - first + 1)),
+                *typed,
+            ]
+        else:
+            status, parts = 206, ranges
+            multipart = Multipart(secrets.token_hex(12), content_type, size, tuple(ranges))
+            headers = [("Content-Type", multipart.media_type), ("Content-Length", str(multipart.length))]
+            headers += [h for h in typed if h[0] != "Content-Type"]
+
+        if head_only or not parts:
+            out.head(status, headers)
+            self._log_done(req, media, obj, status, 0)
+            return keep_alive
+
+        self.stats.add(active_streams=1)
+        sent_before = out.sent
+        try:
+            self._send_body(out, obj, status, headers, parts, multipart)
+        except ClientGone as e:
+            log.info(
+                "client went away after %s: %s",
+                "the head" if out.head_sent else "nothing",
+                e,
+                extra={"fields": {"blob_name": media.blob_name, "source": obj.origin}},
+            )
+            return False
+        finally:
+            self.stats.add(active_streams=-1)
+        self._log_done(req, media, obj, status, out.sent - sent_before)
+        return keep_alive
+
+    def _send_body(
+        self,
+        out: Output,
+        obj: OpenObject,
+        status: int,
+        headers: Headers,
+        parts: list[tuple[int, int]],
+        multipart: Multipart | None,
+    ) -> None:
+        fd = obj.sendfile_fd
+        # For a blob the first read happens before the head goes out, so a missing or failing
+        # blob still gets a clean 404/502 instead of a truncated 200.
+        reader: RangeReader | None = None
+        first_bytes = b""
+        if fd is None:
+            first, last = parts[0]
+            reader = obj.reader(first, last - first + 1)
+            first_bytes = reader.read(self.settings.first_chunk_size)
+        try:
+            prefix = multipart.part_header(0) if multipart else b""
+            out.head(status, headers, prefix + first_bytes)
+            for index, (first, last) in enumerate(parts):
+                if index and multipart:
+                    out.send(multipart.part_header(index))
+                if fd is not None:
+                    out.sendfile(fd, first, last - first + 1)
+                    continue
+                if reader is None:
+                    reader = obj.reader(first, last - first + 1)
+                while chunk := reader.read(self.settings.chunk_size):
+                    out.send(chunk)
+                reader.close()
+                reader = None
+            if multipart:
+                out.send(multipart.trailer)
+        finally:
+            if reader is not None:
+                # Closing the reader closes its Azure connection: the download stops now.
+                reader.close()
+
+    def _log_done(self, req: Request, media: MediaFile, obj: OpenObject, status: int, sent: int, via: str = "") -> None:
+        log.debug(
+            "%s %s -> %d (%s%s, %d bytes)",
+            req.method,
+            media.blob_name,
+            status,
+            obj.origin,
+            f" via {via}" if via else "",
+            sent,
+            extra={
+                "fields": {"blob_name": media.blob_name, "http_status": status, "source": obj.origin, "bytes": sent}
+            },
+        )
+
+
+def reject(out: Output, error: HttpError) -> None:
+    """Answer a request that could not be parsed; the connection is closed afterwards."""
+    extra: Headers = [("Connection", "close")]
+    error_response(out, error.status, error.detail, extra=extra)
