@@ -160,12 +160,12 @@ class Handler:
         head_only = req.method == "HEAD"
         if req.method not in ALLOWED_METHODS:
             self._log_refusal(req, 405)
-            error_response(out, 405, extra=[("Allow", ", ".join(ALLOWED_METHODS)), *self._conn(keep_alive)])
+            error_response(out, 405, extra=[("Allow", ", ".join(ALLOWED_METHODS)), *self._conn(req, keep_alive)])
             return keep_alive
         media = media_file_for_target(self.config, req.target)
         if media is None:
             self._log_refusal(req, 404)
-            error_response(out, 404, head_only=head_only, extra=self._conn(keep_alive))
+            error_response(out, 404, head_only=head_only, extra=self._conn(req, keep_alive))
             return keep_alive
         try:
             return self._serve(req, out, media, keep_alive)
@@ -181,12 +181,15 @@ class Handler:
             if out.head_sent:
                 return False  # the body is cut short; the client sees a truncated response
             retry_after = [("Retry-After", str(self.settings.retry_after_seconds))]
-            error_response(out, status, head_only=head_only, extra=[*retry_after, *self._conn(keep_alive)])
+            error_response(out, status, head_only=head_only, extra=[*retry_after, *self._conn(req, keep_alive)])
             return keep_alive
 
     @staticmethod
-    def _conn(keep_alive: bool) -> Headers:
-        return [] if keep_alive else [("Connection", "close")]
+    def _conn(req: Request, keep_alive: bool) -> Headers:
+        if not keep_alive:
+            return [("Connection", "close")]
+        # An HTTP/1.0 client keeps the connection only if the answer says so.
+        return [("Connection", "keep-alive")] if req.minor_version == 0 else []
 
     def _log_refusal(self, req: Request, status: int) -> None:
         # Debug only: scanners produce these by the thousand and the front logs them anyway.
@@ -205,7 +208,7 @@ class Handler:
         for _attempt in range(2):
             obj = self._open(media)
             if obj is None:
-                error_response(out, 404, head_only=req.method == "HEAD", extra=self._conn(keep_alive))
+                error_response(out, 404, head_only=req.method == "HEAD", extra=self._conn(req, keep_alive))
                 return keep_alive
             try:
                 return self._respond(req, out, media, obj, keep_alive)
@@ -218,7 +221,7 @@ class Handler:
             except ObjectNotFound:
                 if out.head_sent:
                     return False
-                error_response(out, 404, head_only=req.method == "HEAD", extra=self._conn(keep_alive))
+                error_response(out, 404, head_only=req.method == "HEAD", extra=self._conn(req, keep_alive))
                 return keep_alive
             finally:
                 obj.close()
@@ -245,7 +248,7 @@ class Handler:
         if last_modified is not None:
             validators.append(("Last-Modified", http_date(last_modified)))
         cache = self.settings.immutable_cache_control if expected else self.settings.mutable_cache_control
-        common: Headers = [*validators, ("Cache-Control", cache), *self._conn(keep_alive)]
+        common: Headers = [*validators, ("Cache-Control", cache), *self._conn(req, keep_alive)]
 
         precondition = check_preconditions(req, etag, last_modified)
         if precondition == 304:
@@ -253,7 +256,7 @@ class Handler:
             self._log_done(req, media, obj, 304, 0)
             return keep_alive
         if precondition == 412:
-            error_response(out, 412, head_only=head_only, extra=[*validators, *self._conn(keep_alive)])
+            error_response(out, 412, head_only=head_only, extra=[*validators, *self._conn(req, keep_alive)])
             return keep_alive
 
         ranges = None
@@ -261,7 +264,7 @@ class Handler:
             try:
                 ranges = parse_range(req.header("range"), size, self.settings.max_ranges)
             except Unsatisfiable:
-                unsatisfied = [("Content-Range", f"bytes */{size}"), *validators, *self._conn(keep_alive)]
+                unsatisfied = [("Content-Range", f"bytes */{size}"), *validators, *self._conn(req, keep_alive)]
                 error_response(out, 416, head_only=head_only, extra=unsatisfied)
                 self._log_done(req, media, obj, 416, 0)
                 return keep_alive
