@@ -1,0 +1,177 @@
+"""Fixtures for the stream server: a media library with files that are local only, in Blob only,
+or both; config files; the server as a process; nginx in front of it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings
+
+from tests.support.azurite import Azurite
+from tests.support.media import make_thumbnail, pseudo_random_bytes
+
+from .support import Nginx, ServerProcess, front_snippet, write_config
+
+# Odd sizes, so reads cross the server's chunk boundaries at unaligned offsets.
+MATRIX_SIZE = 3 * 1024 * 1024 + 4321
+
+
+@dataclass
+class MediaItem:
+    """One media file: its URL, its bytes, and where it lives."""
+
+    url: str
+    data: bytes
+    sha256: str | None  # the sha in the name (content-addressed) or None
+    local: Path | None
+    blob: str | None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+@dataclass
+class MediaLibrary:
+    roots: dict[str, Path]
+    container: ContainerClient
+    connection_string: str
+    items: dict[str, MediaItem] = field(default_factory=dict)
+
+    def add(
+        self, key: str, data: bytes, *, local: bool, blob: bool, root: str = "video", ext: str = "mp4"
+    ) -> MediaItem:
+        sha = hashlib.sha256(data).hexdigest()
+        rel = f"{sha}.{ext}"
+        path = None
+        if local:
+            path = self.roots[root] / rel
+            path.write_bytes(data)
+            # Old enough that Last-Modified is a strong validator (If-Range by date).
+            os.utime(path, (1_700_000_000, 1_700_000_000))
+        name = f"{root}/{rel}"
+        if blob:
+            self.upload(name, data, sha)
+        item = MediaItem(url=f"/{name}", data=data, sha256=sha, local=path, blob=name if blob else None)
+        self.items[key] = item
+        return item
+
+    def upload(self, name: str, data: bytes, sha: str | None = None, content_type: str = "video/mp4") -> None:
+        self.container.upload_blob(
+            name,
+            data,
+            overwrite=True,
+            metadata={"sha256": sha} if sha else None,
+            content_settings=ContentSettings(content_type=content_type),
+        )
+
+    def config_values(self, **extra: str) -> dict[str, str]:
+        values = {
+            "MEDIA_STORAGE_BACKEND": "azure_blob",
+            "AZURE_AUTH_MODE": "connection_string",
+            "AZURE_STORAGE_CONNECTION_STRING": self.connection_string,
+            "AZURE_STORAGE_CONTAINER_NAME": self.container.container_name,
+            "MEDIA_ROOTS": f"audio={self.roots['audio']},video={self.roots['video']}",
+            "STATE_DIRECTORY": str(self.roots["root"] / "state"),
+        }
+        values.update(extra)
+        return values
+
+
+def _library(root: Path, azurite: Azurite) -> MediaLibrary:
+    roots = {
+        "root": root,
+        "audio": root / "audio",
+        "video": root / "video",
+        "thumbnails": root / "video" / "thumbnails",
+    }
+    for p in roots.values():
+        p.mkdir(parents=True, exist_ok=True)
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    container = service.create_container(f"s-{uuid.uuid4().hex[:20]}")
+    return MediaLibrary(roots=roots, container=container, connection_string=azurite.connection_string)
+
+
+def populate(lib: MediaLibrary) -> MediaLibrary:
+    lib.add("local", pseudo_random_bytes(MATRIX_SIZE, seed=11), local=True, blob=False)
+    lib.add("blob", pseudo_random_bytes(MATRIX_SIZE, seed=12), local=False, blob=True)
+    lib.add("both", pseudo_random_bytes(MATRIX_SIZE, seed=13), local=True, blob=True)
+    lib.add("audio", pseudo_random_bytes(200_003, seed=14), local=False, blob=True, root="audio", ext="mp3")
+    lib.add("tiny", b"x", local=True, blob=False, root="audio", ext="mp3")
+    lib.add("empty", b"", local=False, blob=True, root="audio", ext="m4a")
+    # Thumbnails are named by the video's sha, so their ETag cannot come from the name.
+    video_sha = lib.items["both"].sha256
+    assert video_sha
+    thumb = make_thumbnail(lib.roots["video"], video_sha)
+    data = thumb.read_bytes()
+    lib.items["thumb_local"] = MediaItem(f"/video/thumbnails/{video_sha}.png", data, None, thumb, None)
+    blob_thumb_sha = lib.items["blob"].sha256
+    blob_thumb = pseudo_random_bytes(5000, seed=15)
+    lib.upload(f"video/thumbnails/{blob_thumb_sha}.png", blob_thumb, content_type="image/png")
+    lib.items["thumb_blob"] = MediaItem(
+        f"/video/thumbnails/{blob_thumb_sha}.png", blob_thumb, None, None, f"video/thumbnails/{blob_thumb_sha}.png"
+    )
+    return lib
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory, azurite: Azurite) -> MediaLibrary:
+    """A populated media library shared by one test module (read-only for its tests)."""
+    return populate(_library(tmp_path_factory.mktemp("library"), azurite))
+
+
+@pytest.fixture
+def fresh_library(tmp_path: Path, azurite: Azurite) -> MediaLibrary:
+    """An empty library (roots + container) a test may change freely."""
+    return _library(tmp_path / "library", azurite)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start `serve` with a config built from a library; stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(lib: MediaLibrary, listen: list[str] | None = None, env: dict[str, str] | None = None, **extra: str):
+        n = len(started)
+        config = write_config(tmp_path / f"agent-{n}.env", lib.config_values(**extra))
+        listen = listen or ["127.0.0.1:0", f"unix:{tmp_path}/stream-{n}.sock"]
+        server = ServerProcess(config, tmp_path / f"server-{n}.log", listen, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, library: MediaLibrary) -> Iterator[ServerProcess]:
+    """One server for a module's read-only tests (TCP on loopback and a unix socket)."""
+    d = tmp_path_factory.mktemp("server")
+    config = write_config(d / "agent.env", library.config_values())
+    s = ServerProcess(config, d / "server.log", ["127.0.0.1:0", f"unix:{d}/stream.sock"])
+    yield s
+    s.stop()
+
+
+def nginx_in_front(workdir: Path, socket_path: str, roots: dict[str, Path] | None = None) -> Nginx:
+    """nginx with the shipped upstream, locations and (optionally) X-Accel internal snippets."""
+    server_block = front_snippet("nginx-locations.conf")
+    if roots is not None:
+        server_block += front_snippet("nginx-internal.conf", roots=roots)
+    # A site-wide regex location like GigHive's would have must not capture media URLs.
+    server_block += '\nlocation ~* "\\.(png|mp4|mp3)$" { return 418; }\n'
+    return Nginx(workdir, server_block, http_extra=front_snippet("nginx-upstream.conf", socket_path=socket_path))
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> Iterator[Nginx]:
+    n = nginx_in_front(tmp_path_factory.mktemp("nginx"), server.unix.path)
+    yield n
+    n.stop()
