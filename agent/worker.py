@@ -49,6 +49,7 @@ class RunReport:
     pointer_failures: int = 0
     bytes_uploaded: int = 0
     blocks_reused: int = 0
+    held_back: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
 
     def add(self, other: RunReport) -> None:
@@ -85,6 +86,10 @@ class Worker:
         self._db_lock = threading.Lock()
         self._progress_lock = threading.Lock()
         self.totals = RunReport()
+        # Set by the first failure that says the store itself is unusable. The rest of the run
+        # then leaves its files as they are, for the retry timer, instead of each one waiting
+        # through its own timeouts and retries against a dead endpoint.
+        self.outage: str | None = None
 
     # ---- finding work ----------------------------------------------------------------------
 
@@ -160,6 +165,9 @@ class Worker:
 
     def process(self, rec: FileRecord) -> RunReport:
         report = RunReport()
+        if self.outage is not None:
+            report.held_back += 1
+            return report
         mf = media_file_for_blob(self.config, rec.blob_name)
         fields = {"blob_name": rec.blob_name, "attempt": rec.attempts + 1}
         if mf is None:
@@ -207,6 +215,12 @@ class Worker:
         except (StoreUnavailable, VerificationFailed, OSError) as e:
             text = str(e) if not isinstance(e, OSError) else f"cannot read {mf.path}: {e.strerror or e}"
             self._fail(rec, text, report, fields)
+            if isinstance(e, StoreUnavailable) and e.outage and self.outage is None:
+                self.outage = text
+                log.error(
+                    "Azure Blob is unusable (%s); the remaining files stay local and queued for the retry timer",
+                    text,
+                )
             return report
         except StateError:
             raise
@@ -332,6 +346,8 @@ class Worker:
             rec.pointer == POINTER_NONE and self.pointer_db is not None
         ):
             return  # the DB does not point at the blob yet: the local copy is still the truth
+        if self.outage is not None:
+            return
         fields = {"blob_name": blob_name, "sha256": rec.sha256}
         try:
             st = os.lstat(mf.path)
@@ -345,6 +361,8 @@ class Worker:
             info = self.store.stat(blob_name)
         except StoreUnavailable as e:
             log.warning("not deleting %s yet: cannot confirm its blob: %s", mf.path, e, extra={"fields": fields})
+            if e.outage:
+                self.outage = str(e)
             return
         if info is None or info.etag != rec.etag or info.size != rec.size or info.sha256 != rec.sha256:
             log.error(

@@ -41,4 +41,4 @@ def run(config: Config) -> dict[str, object]:
         report.pointers_flipped,
         report.evicted,
     )
-    return {"scan": scan.as_dict(), **report.as_dict()}
+    return {"scan": scan.as_dict(), **report.as_dict(), "outage": worker.outage}

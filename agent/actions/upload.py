@@ -29,13 +29,13 @@ def run(config: Config, watch: bool = True, idle_exit: float | None = None) -> d
             report = RunReport()
             report.add(worker.housekeeping())
             report.add(worker.run_due())
-            if watcher is not None:
+            if watcher is not None and worker.outage is None:
                 report.add(_watch(worker, watcher, idle))
         finally:
             if watcher is not None:
                 watcher.close()
         worker.notifier.stopping()
-    summary = {"scan": scan.as_dict(), **report.as_dict()}
+    summary = {"scan": scan.as_dict(), **report.as_dict(), "outage": worker.outage}
     log.info(
         "upload run finished: %d uploaded, %d already in Blob, %d failed, %d quarantined, %d evicted",
         report.uploaded,
@@ -67,6 +67,8 @@ def _watch(worker: Worker, watcher: RootWatcher, idle: float) -> RunReport:
         for d in new_dirs:
             worker.scan_dir(d)
         queued = sum(1 for p in files if worker.enqueue_path(p))
+        if worker.outage is not None:
+            return report  # queued files wait for the retry timer
         result = worker.run_due()
         report.add(result)
         if files or new_dirs or queued or result.uploaded or result.already_present or result.deferred:

@@ -35,7 +35,16 @@ class ObjectChanged(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store cannot be reached or refused the request; the message says which and why."""
+    """The store cannot be reached or refused the request; the message says which and why.
+
+    `outage` is True when the failure is not about one object (network, DNS, TLS, credentials,
+    throttling, a missing container): every other request would fail the same way, so callers
+    stop sending them instead of spending retries on each file.
+    """
+
+    def __init__(self, message: str, outage: bool = True):
+        super().__init__(message)
+        self.outage = outage
 
 
 class Store(Protocol):

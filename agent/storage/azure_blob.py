@@ -61,6 +61,15 @@ def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
+def _is_outage(e: Exception) -> bool:
+    """Whether a failure says "the service is unusable now" rather than "this request was wrong"."""
+    status = getattr(e, "status_code", None)
+    if status is None or status >= 500 or status in (401, 403, 408, 429):
+        return True
+    code = getattr(e, "error_code", None)
+    return str(getattr(code, "value", code)) == "ContainerNotFound"
+
+
 def _network_reason(text: str) -> str:
     """The useful part of urllib3's nested connection errors: host and errno text."""
     host = re.search(r"host='([^']+)', port=(\d+)", text)
@@ -101,8 +110,8 @@ class AzureBlobStore:
             transport_kwargs["connection_verify"] = str(config.ca_bundle)
         transport = RequestsTransport(session=session, session_owner=False, **transport_kwargs)
         # Short in-request retries: the upload queue owns the long backoff across runs, and a
-        # stream request must not hang for the SDK's default 15 s + 18 s + 24 s.
-        retry = ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=3, random_jitter_range=1)
+        # stream request must not hang for the SDK's default 15 s + 18 s + 24 s: about 3 s here.
+        retry = ExponentialRetry(initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=0.5)
         common: dict[str, Any] = {
             "transport": transport,
             "retry_policy": retry,
@@ -124,7 +133,7 @@ class AzureBlobStore:
         except ResourceNotFoundError:
             raise
         except (HttpResponseError, ClientAuthenticationError, ServiceRequestError, ServiceResponseError) as e:
-            raise StoreUnavailable(_describe(e)) from e
+            raise StoreUnavailable(_describe(e), outage=_is_outage(e)) from e
         except requests.RequestException as e:
             raise StoreUnavailable(f"Azure Blob unreachable: {_network_reason(str(e))}") from e
 

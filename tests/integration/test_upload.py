@@ -375,3 +375,25 @@ def test_bandwidth_cap_limits_the_rate(harness, blob_container, media_roots):
     started = time.monotonic()
     upload.run(cfg, watch=False)
     assert time.monotonic() - started >= (600 - 256) / 256 * 0.95
+
+
+def test_an_outage_costs_one_attempt_not_one_per_file(tmp_path, azurite_factory, media_roots):
+    """With Azure unreachable the first failure stops the run: the other files are held back,
+    still queued and still local, instead of each burning retries and an attempt."""
+    az = azurite_factory()
+    from azure.storage.blob import BlobServiceClient
+
+    BlobServiceClient.from_connection_string(az.connection_string).create_container("media")
+    h = Harness(tmp_path, media_roots)
+    h.settings = connection_string_settings(az.connection_string, "media", media_roots, h.state_dir)
+    cfg = h.config(UPLOAD_FILE_CONCURRENCY="1")
+    for i in range(5):
+        make_content_addressed(media_roots["audio"], 3000, "mp3", seed=400 + i)
+    az.stop()
+    result = upload.run(cfg, watch=True, idle_exit=30)  # must not sit watching during an outage
+    assert result["failed"] == 1
+    assert result["held_back"] == 4
+    assert "unreachable" in result["outage"]
+    assert sorted(states(h).values()) == ["failed", "pending", "pending", "pending", "pending"]
+    az.start()
+    assert retry.run(cfg)["uploaded"] == 5
