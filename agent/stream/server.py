@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3
 # Large enough for a burst of 200 streams starting at once while the service starts up.
 BACKLOG = 1024
+# A media URL is about 120 characters; 8 KiB is what common servers allow for the request line.
+MAX_REQUEST_LINE = 8192
+# How long and how much a closing connection keeps reading (and discarding) client input.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
 
 
 class ListenError(AgentError):
@@ -140,6 +145,9 @@ class _HeadReader:
         while True:
             while self.buf[:2] == b"\r\n":  # RFC 9112 2.2: empty lines before a request
                 del self.buf[:2]
+            line_end = self.buf.find(b"\r\n", 0, MAX_REQUEST_LINE + 2)
+            if line_end < 0 and len(self.buf) > MAX_REQUEST_LINE:
+                raise HttpError(414, "request line too long")
             end = self.buf.find(b"\r\n\r\n")
             if end >= 0:
                 if end + 4 > s.max_header_bytes:
@@ -148,8 +156,7 @@ class _HeadReader:
                 del self.buf[: end + 4]
                 return head
             if len(self.buf) > s.max_header_bytes:
-                line_end = self.buf.find(b"\r\n")
-                raise HttpError(414 if line_end < 0 or line_end > s.max_header_bytes else 431)
+                raise HttpError(431, "request head too large")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if not self.buf and not first:
@@ -248,8 +255,7 @@ class StreamServer:
                 with contextlib.suppress(Exception):
                     reject(out, HttpError(500, "internal error"))
         finally:
-            with contextlib.suppress(OSError):
-                conn.close()
+            _lingering_close(conn)
             with self._conns_lock:
                 self._conns.pop(conn, None)
             self.stats.add(connections=-1)
@@ -389,6 +395,33 @@ class StreamServer:
                         os.unlink(sock.getsockname())
                 sock.close()
         return EXIT_OK
+
+
+def _lingering_close(conn: socket.socket) -> None:
+    """Close so that the last response survives unread input from the client.
+
+    Closing a socket with unread bytes in its receive buffer makes the kernel send a reset,
+    which can destroy the response (a 431, or the last of several pipelined answers) before
+    the client reads it. So: send FIN, discard what the client still sends for a moment, close.
+    """
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_SECONDS
+        drained = 0
+        while drained < LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            conn.settimeout(remaining)
+            data = conn.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()
 
 
 def _human(n: int) -> str:

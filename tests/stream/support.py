@@ -137,9 +137,10 @@ def raw_exchange(addr: Address, data: bytes, timeout: float = 30.0) -> bytes:
         return b"".join(chunks)
 
 
-def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
-    """Parse a stream of HTTP/1.1 responses with Content-Length bodies (HEAD-free)."""
-    out = []
+def split_responses(data: bytes, head_requests: Sequence[int] = ()) -> list[tuple[int, dict[str, str], bytes]]:
+    """Parse a stream of HTTP/1.1 responses with Content-Length bodies; the responses at the
+    indexes in head_requests (answers to HEAD) and 304s carry no body."""
+    out: list[tuple[int, dict[str, str], bytes]] = []
     while data:
         head, sep, rest = data.partition(b"\r\n\r\n")
         if not sep:
@@ -150,7 +151,8 @@ def split_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
         for line in lines[1:]:
             k, _, v = line.partition(":")
             headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length", "0"))
+        bodiless = status == 304 or len(out) in head_requests
+        length = 0 if bodiless else int(headers.get("content-length", "0"))
         out.append((status, headers, rest[:length]))
         data = rest[length:]
     return out
