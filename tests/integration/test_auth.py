@@ -206,3 +206,29 @@ def test_wrong_service_principal_secret_fails_clearly_and_keeps_the_file(
     assert "a wrong one" not in error
     assert path.exists()
     assert blobs(azurite_oauth, tls, oauth_container) == set()
+
+
+def test_token_is_refreshed_before_it_expires(tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds):
+    """Tokens that live 240 s sit inside the SDK's 300 s refresh window, so the credential fetches a
+    fresh one while the current one is still valid: a long run never sends an expired token."""
+    import time
+
+    from agent.context import queue_worker
+
+    imds.set_lifetime(240)
+    h = oauth_harness(tmp_path, media_roots, azurite_oauth, tls, oauth_container, AZURE_AUTH_MODE="managed_identity")
+    cfg = h.config()
+    make_content_addressed(media_roots["audio"], 3000, "mp3", seed=600)
+    with queue_worker(cfg, wait_for_lock=False) as worker:
+        worker.scan()
+        assert worker.run_due().uploaded == 1
+        make_content_addressed(media_roots["audio"], 3000, "mp3", seed=601)
+        worker.scan()
+        assert worker.run_due().uploaded == 1
+    fetches = imds.token_requests(kind="imds")
+    issued = imds.issued
+    assert len(fetches) >= 2
+    # Each new token was fetched while the previous one still had most of its life left.
+    for previous, request in zip(issued, fetches[1:], strict=False):
+        assert previous["exp"] - request.time > 200
+    assert all(t["exp"] > time.time() for t in issued)

@@ -397,3 +397,37 @@ def test_an_outage_costs_one_attempt_not_one_per_file(tmp_path, azurite_factory,
     assert sorted(states(h).values()) == ["failed", "pending", "pending", "pending", "pending"]
     az.start()
     assert retry.run(cfg)["uploaded"] == 5
+
+
+def test_recently_modified_file_waits_to_settle(harness, blob_container, media_roots):
+    make_content_addressed(media_roots["audio"], 3000, "mp3", seed=500)
+    result = upload.run(harness.config(UPLOAD_SETTLE_SECONDS="600"), watch=False)
+    assert result["deferred"] == 1 and result["uploaded"] == 0
+    assert blob_names(blob_container) == set()
+    assert set(states(harness).values()) == {"pending"}
+
+
+def test_memory_stays_bounded_by_blocks_not_file_size(harness, blob_container, media_roots):
+    """A 256 MiB file with 4 MiB blocks, 2 in flight: the uploader's peak RSS stays far below the
+    file size (a buffering bug would hold the whole file)."""
+    import resource
+    import subprocess
+    import sys
+
+    path, sha = make_content_addressed(media_roots["video"], 256 * 1024 * 1024, "mp4", seed=501)
+    harness.write_config(UPLOAD_BLOCK_SIZE="4MiB", UPLOAD_BLOCK_CONCURRENCY="2")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_"))}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(harness.config_path), "upload", "--no-watch"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib > before or before < 150 * 1024  # this child set the high-water mark
+    assert peak_kib < 150 * 1024, f"peak RSS {peak_kib} KiB"
+    props = blob_container.get_blob_client(f"video/{sha}.mp4").get_blob_properties()
+    assert props.size == path.stat().st_size

@@ -314,3 +314,10 @@ def test_shipped_example_config_is_valid(tmp_path):
     assert load(cfg, environ={}).backend == "local"
     # Switching the backend on is the only change an Azure VM with a managed identity needs.
     assert load(cfg, environ={"MEDIA_STORAGE_BACKEND": "azure_blob"}).auth_mode == "managed_identity"
+
+
+@pytest.mark.parametrize("command", ["upload", "retry", "status", "requeue", "db-migrate"])
+def test_every_command_has_help(command):
+    proc = subprocess.run([sys.executable, "-m", "agent", command, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "--config" in proc.stdout and "--json" in proc.stdout
