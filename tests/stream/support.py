@@ -426,7 +426,7 @@ class CountingProxy:
             except OSError:
                 client.close()
                 continue
-            record: dict[str, object] = {"down": 0, "closed": False}
+            record: dict[str, object] = {"down": 0, "closed": False, "sockets": (client, upstream)}
             with self._lock:
                 self.connections.append(record)
             threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True).start()
@@ -459,6 +459,18 @@ class CountingProxy:
     def open_connections(self) -> int:
         with self._lock:
             return sum(1 for c in self.connections if not c["closed"])
+
+    def sever(self) -> int:
+        """Break every open connection (both sides), like a network failure; returns how many."""
+        n = 0
+        with self._lock:
+            for c in self.connections:
+                if not c["closed"]:
+                    n += 1
+                    for sock in c["sockets"]:  # type: ignore[union-attr]
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+        return n
 
     def close(self) -> None:
         self._stop = True
