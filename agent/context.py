@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .config import Config
+from .errors import LockBusy
 from .lock import QueueLock
 from .notify import Notifier
 from .pointer import PointerDB
@@ -24,7 +25,7 @@ def queue_worker(config: Config, wait_for_lock: bool) -> Iterator[Worker]:
     if wait_for_lock:
         try:
             lock.acquire(wait=False)
-        except Exception:
+        except LockBusy:
             log.info("another gighive-media run holds the queue; waiting for it to finish")
             lock.acquire(wait=True)
     else:

@@ -91,7 +91,10 @@ class Transfer:
         started = time.monotonic()
         fd, st = open_media_file(str(mf.path))
         with os.fdopen(fd, "rb", buffering=0) as f:
-            result = self._upload_small(mf, f, st) if st.st_size <= self.block_size else self._upload_blocks(mf, f, st)
+            if st.st_size <= self.block_size:
+                result = self._upload_small(mf, f, st)
+            else:
+                result = self._upload_blocks(mf, f, st, block_size_for(st.st_size, self.block_size))
             self._check_unchanged(mf, f.fileno(), st)
         return TransferResult(**{**result.__dict__, "seconds": time.monotonic() - started})
 
@@ -121,20 +124,20 @@ class Transfer:
 
     # ---- large files: staged blocks --------------------------------------------------------
 
-    def _upload_blocks(self, mf: MediaFile, f, st: os.stat_result) -> TransferResult:
+    def _upload_blocks(self, mf: MediaFile, f, st: os.stat_result, block_size: int) -> TransferResult:
         existing = self.store.stat(mf.blob_name)
         if existing is not None and existing.size == st.st_size and existing.sha256:
             expected = mf.expected_sha256
             if expected is None or existing.sha256 == expected:
                 h = _Hasher()
-                for data in _blocks(f, self.block_size):
+                for data in _blocks(f, block_size):
                     h.update(data)
                 _check_size(h, st)
                 self._check_name(mf, h)
                 if _same_content(existing, h.size, h.sha256.hexdigest(), h.md5.digest()):
                     self._check_unchanged(mf, f.fileno(), st)
                     info = self._verify(mf, h.size, h.sha256.hexdigest(), h.md5.digest())
-                    n = -(-h.size // self.block_size)
+                    n = -(-h.size // block_size)
                     return TransferResult(
                         h.size,
                         st.st_mtime_ns,
@@ -170,7 +173,7 @@ class Transfer:
                 slots.release()
 
         with ThreadPoolExecutor(self.block_concurrency, thread_name_prefix="block") as pool:
-            for index, data in enumerate(_blocks(f, self.block_size, before_read=slots.acquire)):
+            for index, data in enumerate(_blocks(f, block_size, before_read=slots.acquire)):
                 if failure:
                     slots.release()
                     break
@@ -238,6 +241,18 @@ class Transfer:
     def _throttle(self, nbytes: int) -> None:
         if self.limiter is not None:
             self.limiter.consume(nbytes)
+
+
+MAX_BLOCKS = 50_000  # Azure's limit per block blob
+_MIB = 1024 * 1024
+
+
+def block_size_for(size: int, configured: int) -> int:
+    """The configured block size, grown (in whole MiB) when a file would need over 50,000 blocks."""
+    if -(-size // configured) <= MAX_BLOCKS:
+        return configured
+    needed = -(-size // MAX_BLOCKS)
+    return -(-needed // _MIB) * _MIB
 
 
 def _same_content(info: ObjectInfo, size: int, sha: str, md5: bytes) -> bool:

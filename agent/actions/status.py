@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ..config import Config
+from ..errors import LockBusy
 from ..lock import QueueLock
 from ..state import StateStore
 
@@ -44,7 +45,7 @@ def _lock_holder(config: Config) -> int | None:
     lock = QueueLock(config.state_dir)
     try:
         lock.acquire(wait=False)
-    except Exception:
+    except LockBusy:
         try:
             return int(lock.path.read_text().strip() or 0) or None
         except (OSError, ValueError):

@@ -262,16 +262,6 @@ class AzureBlobStore:
         except ResourceNotFoundError:
             return
 
-    def ensure_container(self) -> bool:
-        """Create the container if missing (dev and Azurite); True if it was created."""
-        try:
-            self._call(lambda: self.container.create_container())
-            return True
-        except StoreUnavailable as e:
-            if isinstance(e.__cause__, ResourceExistsError):
-                return False
-            raise
-
 
 def block_id(index: int, md5: bytes) -> str:
     """Deterministic, equal-length block id from the block's position and content.
