@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
-from ..errors import EXIT_OK, AgentError, ConfigError, ConfigErrors
+from ..errors import EXIT_CONFIG, EXIT_OK, AgentError, ConfigError, ConfigErrors
 from ..notify import Notifier
 from .handler import Handler, Output, Stats, reject
 from .http import HttpError, parse_head
@@ -52,6 +52,9 @@ LINGER_BYTES = 4 * 1024 * 1024
 
 class ListenError(AgentError):
     """A --listen address cannot be used, or systemd passed no usable socket."""
+
+    # Like a bad configuration: restarting cannot fix it (RestartPreventExitStatus=78).
+    exit_code = EXIT_CONFIG
 
 
 # ---- listening sockets ---------------------------------------------------------------------
@@ -75,8 +78,12 @@ def systemd_sockets(environ: dict[str, str] | None = None) -> list[socket.socket
         raise ListenError(f"LISTEN_FDS={count!r} is not a positive number of sockets")
     sockets = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
-        os.set_inheritable(fd, False)
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        try:
+            os.set_inheritable(fd, False)
+            mode = os.fstat(fd).st_mode
+        except OSError as e:
+            raise ListenError(f"fd {fd} from systemd (LISTEN_FDS={count}) is not open: {e.strerror}") from e
+        if not stat.S_ISSOCK(mode):
             raise ListenError(f"fd {fd} from systemd is not a socket (check ListenStream= in the socket unit)")
         sock = socket.socket(fileno=fd)
         if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):

@@ -262,9 +262,11 @@ _EXEC_WITH_FDS = """
 import os, sys
 fds = [int(x) for x in sys.argv[1].split(",")]
 # Move the inherited sockets to 3, 4, ... the way systemd passes them.
-high = [os.dup(fd) for fd in fds]
+import fcntl
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
 for i, fd in enumerate(high):
     os.dup2(fd, 3 + i, inheritable=True)
+    os.set_inheritable(3 + i, True)
 os.environ["LISTEN_FDS"] = str(len(fds))
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.execv(sys.argv[2], sys.argv[2:])
@@ -479,3 +481,23 @@ class CountingProxy:
 
 def iter_lines(text: str) -> Iterator[str]:
     yield from text.splitlines()
+
+
+def read_response_after_signal(server: ServerProcess, url: str, signum: int) -> bytes:
+    """GET url, read the first MiB, send the server a signal, then read the rest of the body."""
+    with server.tcp.connect(timeout=60) as s:
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < (1 << 20):
+            chunk = s.recv(1 << 20)
+            assert chunk, "closed before the first MiB"
+            data += chunk
+        server.proc.send_signal(signum)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            body += chunk
+        return body
