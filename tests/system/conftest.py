@@ -41,6 +41,7 @@ TRIGGERS = ("gighive-media-upload.path", "gighive-media-retry.timer", "gighive-m
 ALL_UNITS = TRIGGERS + SERVICES
 ENV_FILE = "/etc/gighive-media-agent/agent.env"
 STATE_DIR = "/var/lib/gighive-media-agent"
+CREDENTIALS = ("azure-client-secret", "azure-client-certificate", "azure-storage-connection-string", "mysql-password")
 
 
 def _cannot_boot_reason() -> str | None:
@@ -189,3 +190,18 @@ def configure_agent() -> Callable[..., AgentSetup]:
         return AgentSetup(env=values, roots=roots)
 
     return configure
+
+
+def agent_cli(container: Container, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `gighive-media ARGS` inside the container the way the services run it: as gighive-media,
+    with agent.env, the credentials and the state directory, through systemd-run (the same way an
+    operator gets the services' view, see docs/packaging.md)."""
+    props = [
+        "User=gighive-media",
+        "Group=gighive-media",
+        f"EnvironmentFile={ENV_FILE}",
+        "StateDirectory=gighive-media-agent",
+        *(f"LoadCredential={name}:gighive-media-agent.{name}" for name in CREDENTIALS),
+    ]
+    argv = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", *(f"--property={p}" for p in props)]
+    return container.run([*argv, "/usr/bin/gighive-media", *args], check=check)
