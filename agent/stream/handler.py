@@ -71,6 +71,30 @@ class Stats:
         self.bytes_sent += n
 
 
+class BufferPool:
+    """Reusable read buffers, one per running Blob stream.
+
+    Memory for streaming is then exactly (streams at the busiest moment) x STREAM_CHUNK_SIZE and
+    stays put, instead of a fresh allocation per chunk that the allocator may never give back.
+    """
+
+    def __init__(self, size: int, keep: int):
+        self.size, self.keep = size, keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> bytearray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return bytearray(self.size)
+
+    def put(self, buf: bytearray) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buf)
+
+
 class Output:
     """The client side of one connection: bounded-time sends, sendfile, byte counting."""
 
@@ -151,6 +175,7 @@ class Handler:
         self.settings = settings
         self.sources = sources
         self.stats = stats
+        self.buffers = BufferPool(settings.chunk_size, keep=settings.max_connections)
 
     # ---- entry -------------------------------------------------------------------------------
     def handle(self, req: Request, out: Output) -> bool:
@@ -331,27 +356,35 @@ class Handler:
         multipart: Multipart | None,
     ) -> None:
         fd = obj.sendfile_fd
-        # For a blob the first read happens before the head goes out, so a missing or failing
-        # blob still gets a clean 404/502 instead of a truncated 200.
-        reader: RangeReader | None = None
-        first_bytes = b""
-        if fd is None:
-            first, last = parts[0]
-            reader = obj.reader(first, last - first + 1)
-            first_bytes = reader.read(self.settings.first_chunk_size)
-        try:
+        if fd is not None:
             prefix = multipart.part_header(0) if multipart else b""
-            out.head(status, headers, prefix + first_bytes)
+            out.head(status, headers, prefix)
             for index, (first, last) in enumerate(parts):
                 if index and multipart:
                     out.send(multipart.part_header(index))
-                if fd is not None:
-                    out.sendfile(fd, first, last - first + 1)
-                    continue
-                if reader is None:
+                out.sendfile(fd, first, last - first + 1)
+            if multipart:
+                out.send(multipart.trailer)
+            return
+        buf = self.buffers.get()
+        view = memoryview(buf)
+        reader: RangeReader | None = None
+        try:
+            # The first read happens before the head goes out, so a missing or failing blob
+            # still gets a clean 404/502 instead of a truncated 200. It is small, so that the
+            # client (a player seeking) gets its first bytes as soon as Azure sends them.
+            first, last = parts[0]
+            reader = obj.reader(first, last - first + 1)
+            n = reader.readinto(view[: self.settings.first_chunk_size])
+            prefix = multipart.part_header(0) if multipart else b""
+            out.head(status, headers, prefix + bytes(view[:n]))
+            for index, (first, last) in enumerate(parts):
+                if index:
+                    if multipart:
+                        out.send(multipart.part_header(index))
                     reader = obj.reader(first, last - first + 1)
-                while chunk := reader.read(self.settings.chunk_size):
-                    out.send(chunk)
+                while n := reader.readinto(view):
+                    out.send(view[:n])
                 reader.close()
                 reader = None
             if multipart:
@@ -360,6 +393,8 @@ class Handler:
             if reader is not None:
                 # Closing the reader closes its Azure connection: the download stops now.
                 reader.close()
+            view.release()
+            self.buffers.put(buf)
 
     def _log_done(self, req: Request, media: MediaFile, obj: OpenObject, status: int, sent: int, via: str = "") -> None:
         log.debug(

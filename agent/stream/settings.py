@@ -41,7 +41,7 @@ class StreamSettings:
     # nginx sends the bytes (see front/nginx-internal.conf).
     x_accel_prefix: str | None = None
     # Bytes read from Blob per step, and the smaller first step that gets a seek going.
-    chunk_size: int = 128 * 1024
+    chunk_size: int = 64 * 1024
     first_chunk_size: int = 16 * 1024
     # Per-request limits towards Azure: connect/read timeout and retries of one request.
     upstream_timeout: float = 10.0
@@ -89,7 +89,7 @@ def load_settings(config: Config) -> StreamSettings:
         cache_public=r.boolean("STREAM_CACHE_PUBLIC", False),
         mutable_max_age=int(num("STREAM_MUTABLE_MAX_AGE", 300, 0, 31536000, integer=True)),
         x_accel_prefix=prefix,
-        chunk_size=r.size("STREAM_CHUNK_SIZE", 128 * 1024, 4 * 1024, 16 * 1024 * 1024),
+        chunk_size=r.size("STREAM_CHUNK_SIZE", 64 * 1024, 4 * 1024, 16 * 1024 * 1024),
         first_chunk_size=r.size("STREAM_FIRST_CHUNK_SIZE", 16 * 1024, 1024, 16 * 1024 * 1024),
         upstream_timeout=float(num("STREAM_UPSTREAM_TIMEOUT_SECONDS", 10.0, 0.1, 600.0)),
         upstream_retries=int(num("STREAM_UPSTREAM_RETRIES", 1, 0, 10, integer=True)),

@@ -49,11 +49,24 @@ class UpstreamError(StoreUnavailable):
 
 
 class RangeReader(Protocol):
-    def read(self, size: int) -> bytes:
-        """Up to `size` bytes of the range; b"" once it is complete. Raises UpstreamError."""
+    def readinto(self, view: memoryview) -> int:
+        """Fill `view` with the next bytes of the range (up to its length); 0 once the range is
+        complete. Raises UpstreamError. The caller owns the buffer, so a stream costs one
+        buffer of memory however long it runs."""
         ...
 
     def close(self) -> None: ...
+
+
+def iter_range(reader: RangeReader, chunk_size: int) -> Iterator[bytes]:
+    """The storage seam's read_range shape (an iterator of bytes) on top of a RangeReader."""
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    try:
+        while n := reader.readinto(view):
+            yield bytes(view[:n])
+    finally:
+        reader.close()
 
 
 class OpenObject(Protocol):
@@ -81,15 +94,15 @@ class _FileRange:
     def __init__(self, fd: int, offset: int, length: int):
         self.fd, self.pos, self.end = fd, offset, offset + length
 
-    def read(self, size: int) -> bytes:
-        n = min(size, self.end - self.pos)
+    def readinto(self, view: memoryview) -> int:
+        n = min(len(view), self.end - self.pos)
         if n <= 0:
-            return b""
-        data = os.pread(self.fd, n, self.pos)
-        if not data:
+            return 0
+        got = os.preadv(self.fd, [view[:n]], self.pos)
+        if not got:
             raise UpstreamError("local file shrank while it was being sent")
-        self.pos += len(data)
-        return data
+        self.pos += got
+        return got
 
     def close(self) -> None:
         pass
@@ -182,9 +195,7 @@ class LocalSource:
         try:
             if etag and obj.info.etag != etag:
                 raise ObjectChanged(name)
-            reader = obj.reader(offset, min(length, max(0, obj.info.size - offset)))
-            while chunk := reader.read(chunk_size):
-                yield chunk
+            yield from iter_range(obj.reader(offset, min(length, max(0, obj.info.size - offset))), chunk_size)
         finally:
             obj.close()
 
@@ -270,7 +281,7 @@ class _BlobRange:
     """One range of one blob version, streamed from a single Azure GET.
 
     Reading a response as it arrives (instead of the SDK's downloader, which holds whole 4 MiB
-    chunks in memory and opens a request per chunk) keeps memory per stream at one read and
+    chunks in memory and opens a request per chunk) keeps memory per stream at one buffer and
     the throughput of one long GET. A broken connection is resumed where it stopped, pinned to
     the same ETag; a closed reader closes its connection, so Azure stops sending at once.
     """
@@ -280,24 +291,38 @@ class _BlobRange:
         self.pos, self.end = offset, offset + length
         self.resumes_left = source.settings.upstream_retries
         self._response: Any = None
+        self._body: Any = None
         self._open()
 
     def _open(self) -> None:
         self._response = self.source._download(self.name, self.pos, self.end - self.pos, self.etag)
+        raw = self._response.raw
+        # http.client's response under urllib3's: its readinto() fills our buffer straight from
+        # the socket. urllib3's own read() would allocate and copy every chunk twice, which at
+        # 200 streams is most of the process's memory and a good part of its CPU.
+        fp = getattr(raw, "_fp", None)
+        self._body = fp if fp is not None and hasattr(fp, "readinto") else None
 
-    def read(self, size: int) -> bytes:
-        n = min(size, self.end - self.pos)
+    def readinto(self, view: memoryview) -> int:
+        n = min(len(view), self.end - self.pos)
         if n <= 0:
-            return b""
+            return 0
         while True:
             try:
                 if self._response is None:
                     self._open()
-                data = self._response.raw.read(n, decode_content=False)
-                if not data:
+                if self._body is not None:
+                    got = self._body.readinto(view[:n])
+                else:  # pragma: no cover - only if urllib3 changes its internals
+                    data = self._response.raw.read(n, decode_content=False)
+                    got = len(data)
+                    view[:got] = data
+                if not got:
                     raise UpstreamError(f"Azure ended the response {self.end - self.pos} bytes early")
-                self.pos += len(data)
-                return data
+                self.pos += got
+                if self.pos >= self.end:
+                    self._finish()
+                return got
             except (ObjectChanged, ObjectNotFound):
                 raise
             except (UpstreamError, *_READ_ERRORS) as e:
@@ -314,8 +339,18 @@ class _BlobRange:
                     extra={"fields": {"blob_name": self.name}},
                 )
 
+    def _finish(self) -> None:
+        """The whole body was read: give the connection back to the pool for the next request."""
+        response, self._response, self._body = self._response, None, None
+        if response is not None:
+            fp = getattr(response.raw, "_fp", None)
+            if fp is None or fp.isclosed():
+                response.raw.release_conn()
+            else:
+                response.close()
+
     def _drop(self) -> None:
-        response, self._response = self._response, None
+        response, self._response, self._body = self._response, None, None
         if response is not None:
             # close() (not release) discards the connection: unread data must not be reused.
             # Closing a broken connection may fail; it is gone either way.
@@ -429,12 +464,7 @@ class BlobSource:
             etag = info.etag
         if length <= 0:
             return
-        reader = _BlobRange(self, name, offset, length, etag)
-        try:
-            while chunk := reader.read(chunk_size):
-                yield chunk
-        finally:
-            reader.close()
+        yield from iter_range(_BlobRange(self, name, offset, length, etag), chunk_size)
 
 
 @dataclass(frozen=True)

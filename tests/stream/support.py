@@ -501,3 +501,20 @@ def read_response_after_signal(server: ServerProcess, url: str, signum: int) -> 
                 break
             body += chunk
         return body
+
+
+def read_one_response(s: socket.socket) -> tuple[int, bytes]:
+    """Read exactly one response with a Content-Length body from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed before a response head"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed inside a body"
+        body += chunk
+    assert len(body) == length, "more bytes than one response"
+    return int(head[9:12]), body

@@ -1,0 +1,531 @@
+"""Stream server benchmark: side by side, in one run, against the same Azurite and files.
+
+Setups:
+  azurite          direct GET from Azurite (container SAS), the baseline for Blob
+  rclone           `rclone serve http` over the same container
+  server+nginx     gighive-media serve behind nginx (shipped snippets), file only in Blob
+  server+nginx/local   the same, with the file on local disk (sendfile)
+  server+nginx/x-accel the same, local, answered with X-Accel-Redirect (nginx sends the file)
+  nginx            nginx serving the local file directly, the baseline for local mode
+
+Measures, per setup: one sequential GET of the whole file (MB/s), and random 256 KiB range GETs
+over one keep-alive connection (time to first byte, p50/p99). Then 200 concurrent range streams
+through the server (Blob and local): errors, and the server's peak RSS.
+
+Run: .venv/bin/python bench/stream_bench.py [--size 1GiB] [--ranges 300] [--concurrency 200]
+Writes bench/stream_results.json, bench/stream_results.md and bench/stream_results.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from azure.storage.blob import (  # noqa: E402
+    BlobServiceClient,
+    ContainerSasPermissions,
+    ContentSettings,
+    generate_container_sas,
+)
+
+from tests.support import _proc  # noqa: E402
+from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME, Azurite  # noqa: E402
+from tests.support.media import _blocks  # noqa: E402
+
+MiB = 1024 * 1024
+RANGE_SIZE = 256 * 1024
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)\s*([KMG]?)i?B?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text}")
+    return int(m.group(1)) * {"": 1, "K": 1024, "M": MiB, "G": 1024 * MiB}[m.group(2).upper()]
+
+
+# ---- fixtures: data, Azurite, servers --------------------------------------------------------
+
+
+def make_file(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for block in _blocks(size, seed=2026):
+            h.update(block)
+            f.write(block)
+    return h.hexdigest()
+
+
+def wait_port(host: str, port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not _proc.port_open(host, port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{host}:{port} did not open")
+        time.sleep(0.05)
+
+
+def wait_path(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def start_server(work: Path, name: str, azurite: Azurite, container: str, roots: Path, extra: dict[str, str]):
+    env_file = work / f"{name}.env"
+    values = {
+        "MEDIA_STORAGE_BACKEND": "azure_blob",
+        "AZURE_AUTH_MODE": "connection_string",
+        "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string,
+        "AZURE_STORAGE_CONTAINER_NAME": container,
+        "MEDIA_ROOTS": f"audio={roots / 'audio'},video={roots / 'video'}",
+        "STATE_DIRECTORY": str(work / "state"),
+        "LOG_LEVEL": "info",
+        **extra,
+    }
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    env_file.chmod(0o600)
+    sock = work / f"{name}.sock"
+    proc = _proc.spawn(
+        [sys.executable, "-m", "agent.stream", "--config", str(env_file), "--listen", f"unix:{sock}"],
+        work / f"{name}.log",
+    )
+    wait_path(sock)
+    return proc, sock
+
+
+def start_nginx(work: Path, name: str, server_block: str, http_extra: str = "") -> tuple[subprocess.Popen, int]:
+    d = work / name
+    (d / "logs").mkdir(parents=True, exist_ok=True)
+    (d / "spool").mkdir(exist_ok=True)
+    port = _proc.free_port()
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = d / "nginx.conf"
+    conf.write_text(
+        f"""daemon off; master_process on; worker_processes 1; {user}
+error_log {d}/logs/error.log warn; pid {d}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+  include /etc/nginx/mime.types; access_log off; sendfile on; tcp_nopush on;
+  client_body_temp_path {d}/spool/body; proxy_temp_path {d}/spool/proxy; fastcgi_temp_path {d}/spool/f;
+  uwsgi_temp_path {d}/spool/u; scgi_temp_path {d}/spool/s;
+  {http_extra}
+  server {{ listen 127.0.0.1:{port}; {server_block} }}
+}}
+"""
+    )
+    proc = _proc.spawn(["nginx", "-p", str(d), "-c", str(conf)], d / "logs" / "stdout.log")
+    wait_port("127.0.0.1", port)
+    return proc, port
+
+
+def snippet(name: str, sock: Path | None = None, roots: Path | None = None) -> str:
+    text = (REPO / "agent" / "stream" / "front" / name).read_text()
+    if sock:
+        text = text.replace("/run/gighive-media-agent/stream.sock", str(sock))
+    if roots:
+        text = text.replace("/home/ubuntu/", f"{roots}/")
+    return text
+
+
+# ---- measurements ------------------------------------------------------------------------------
+
+
+class Target:
+    def __init__(self, name: str, base_url: str, path: str, query: str = ""):
+        u = urlsplit(base_url)
+        self.name, self.host, self.port = name, u.hostname or "127.0.0.1", u.port or 80
+        self.path = (u.path.rstrip("/") + path) + (f"?{query}" if query else "")
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=120)
+
+
+def sequential(target: Target, size: int) -> dict[str, float]:
+    conn = target.connection()
+    buf = bytearray(MiB)
+    t0 = time.perf_counter()
+    conn.request("GET", target.path)
+    r = conn.getresponse()
+    n = r.readinto(memoryview(buf)[:1])
+    ttfb = time.perf_counter() - t0
+    while True:
+        k = r.readinto(buf)
+        if not k:
+            break
+        n += k
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    if r.status != 200 or n != size:
+        raise RuntimeError(f"{target.name}: sequential GET gave {r.status}, {n} bytes")
+    return {"seconds": elapsed, "mb_per_s": size / elapsed / 1e6, "ttfb_ms": ttfb * 1000}
+
+
+def ranges(target: Target, offsets: list[int], expected: Path) -> dict[str, float]:
+    conn = target.connection()
+    ttfbs = []
+    with open(expected, "rb") as f:
+        for off in offsets:
+            t0 = time.perf_counter()
+            conn.request("GET", target.path, headers={"Range": f"bytes={off}-{off + RANGE_SIZE - 1}"})
+            r = conn.getresponse()
+            first = r.read(1)
+            ttfbs.append(time.perf_counter() - t0)
+            body = first + r.read()
+            if r.status != 206 or body != os.pread(f.fileno(), RANGE_SIZE, off):
+                raise RuntimeError(f"{target.name}: range at {off} gave {r.status}, {len(body)} bytes")
+    conn.close()
+    return {"ttfbs": ttfbs}
+
+
+def pooled_ranges(runs: list[dict]) -> dict[str, float]:
+    """Percentiles over the requests of all rounds together."""
+    ttfbs = sorted(x for r in runs for x in r["ttfbs"])
+    return {
+        "n": len(ttfbs),
+        "ttfb_p50_ms": statistics.median(ttfbs) * 1000,
+        "ttfb_p99_ms": ttfbs[min(len(ttfbs) - 1, int(len(ttfbs) * 0.99))] * 1000,
+        "ttfb_mean_ms": statistics.fmean(ttfbs) * 1000,
+    }
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    m = re.search(r"VmRSS:\s+(\d+) kB", text)
+    return int(m.group(1)) if m else 0
+
+
+def threads_of(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return 0
+
+
+def concurrent_streams(
+    target: Target, pid: int, n: int, stream_size: int, size: int, expected: Path, rate: float
+) -> dict:
+    rng = random.Random(7)
+    offsets = [rng.randrange(0, size - stream_size) for _ in range(n)]
+    start = threading.Barrier(n)
+    errors: list[str] = []
+    peak = {"rss": rss_kib(pid), "threads": threads_of(pid), "active": 0}
+    active = [0]
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak["rss"] = max(peak["rss"], rss_kib(pid))
+            peak["threads"] = max(peak["threads"], threads_of(pid))
+            with lock:
+                peak["active"] = max(peak["active"], active[0])
+            time.sleep(0.05)
+
+    def one(off: int) -> None:
+        h = hashlib.sha256()
+        try:
+            conn = target.connection()
+            start.wait(60)
+            conn.request("GET", target.path, headers={"Range": f"bytes={off}-{off + stream_size - 1}"})
+            r = conn.getresponse()
+            with lock:
+                active[0] += 1
+            got = 0
+            buf = bytearray(64 * 1024)
+            t0 = time.perf_counter()
+            while k := r.readinto(buf):
+                h.update(memoryview(buf)[:k])
+                got += k
+                if rate:
+                    # Read like a player would: at the media's bit rate, not as fast as possible.
+                    ahead = got / rate - (time.perf_counter() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            with lock:
+                active[0] -= 1
+            conn.close()
+            with open(expected, "rb") as f:
+                want = hashlib.sha256(os.pread(f.fileno(), stream_size, off)).hexdigest()
+            if r.status != 206 or got != stream_size or h.hexdigest() != want:
+                errors.append(f"at {off}: {r.status}, {got} bytes")
+        except Exception as e:  # noqa: BLE001 - every failure is a counted error here
+            errors.append(f"at {off}: {type(e).__name__}: {e}")
+
+    base_rss = rss_kib(pid)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, offsets))
+    elapsed = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    return {
+        "streams": n,
+        "stream_mib": stream_size / MiB,
+        "stream_rate_mb_per_s": rate / 1e6,
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "seconds": elapsed,
+        "aggregate_mb_per_s": n * stream_size / elapsed / 1e6,
+        "rss_before_mib": base_rss / 1024,
+        "rss_peak_mib": peak["rss"] / 1024,
+        "threads_peak": peak["threads"],
+        "concurrent_peak": peak["active"],
+    }
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def svg_plot(results: dict) -> str:
+    """Two bar charts (throughput, range TTFB p50/p99) as plain SVG: no plotting library needed."""
+    rows = results["setups"]
+    names = list(rows)
+    width, bar_h, gap, left = 900, 18, 8, 200
+    chart_h = len(names) * (bar_h * 2 + gap) + 40
+    height = chart_h * 2 + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">']
+
+    def chart(y0: int, title: str, series: list[tuple[str, str, str]], unit: str) -> None:
+        vmax = max(rows[n][k1][k2] for n in names for k1, k2, _ in series) or 1
+        out.append(f'<text x="10" y="{y0 + 14}" font-weight="bold">{title}</text>')
+        y = y0 + 26
+        for n in names:
+            out.append(f'<text x="10" y="{y + bar_h}">{n}</text>')
+            for i, (k1, k2, colour) in enumerate(series):
+                v = rows[n][k1][k2]
+                w = (width - left - 120) * v / vmax
+                yy = y + i * bar_h
+                out.append(f'<rect x="{left}" y="{yy}" width="{w:.1f}" height="{bar_h - 2}" fill="{colour}"/>')
+                out.append(f'<text x="{left + w + 4:.1f}" y="{yy + bar_h - 5}">{v:.1f} {unit}</text>')
+            y += bar_h * len(series) + gap
+
+    chart(
+        0, "Sequential GET of the whole file (MB/s, higher is better)", [("sequential", "mb_per_s", "#4a7ab5")], "MB/s"
+    )
+    chart(
+        chart_h + 20,
+        "Random 256 KiB ranges: time to first byte, p50 (light) and p99 (dark), ms, lower is better",
+        [("ranges", "ttfb_p50_ms", "#9cc59a"), ("ranges", "ttfb_p99_ms", "#3c7a39")],
+        "ms",
+    )
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def markdown(results: dict) -> str:
+    s = results["setups"]
+    az, ng = s["azurite"], s["nginx"]
+    lines = [
+        f"# Stream server benchmark ({results['date']})",
+        "",
+        f"Machine: {results['machine']}. File: {results['size_mib']:.0f} MiB; "
+        f"{results['rounds']} interleaved rounds; sequential = median round, ranges = percentiles over all "
+        f"{results['rounds']} x {results['range_requests']} random {RANGE_SIZE // 1024} KiB ranges per setup, each "
+        "round on one keep-alive connection. "
+        "All setups run side by side in one run, against the same Azurite and file.",
+        "",
+        "| setup | sequential MB/s | x azurite | range TTFB p50 ms | p99 ms | p99 x azurite |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in s.items():
+        seq, rg = r["sequential"], r["ranges"]
+        lines.append(
+            f"| {name} | {seq['mb_per_s']:.1f} | {seq['mb_per_s'] / az['sequential']['mb_per_s']:.2f} | "
+            f"{rg['ttfb_p50_ms']:.2f} | {rg['ttfb_p99_ms']:.2f} | "
+            f"{rg['ttfb_p99_ms'] / az['ranges']['ttfb_p99_ms']:.2f} |"
+        )
+    lines += ["", "Local mode against nginx alone:", ""]
+    for name in ("server+nginx/local", "server+nginx/x-accel"):
+        r = s[name]
+        lines.append(
+            f"- {name}: sequential {r['sequential']['mb_per_s'] / ng['sequential']['mb_per_s']:.2f} x nginx, "
+            f"range p50 {r['ranges']['ttfb_p50_ms'] / ng['ranges']['ttfb_p50_ms']:.2f} x, "
+            f"p99 {r['ranges']['ttfb_p99_ms'] / ng['ranges']['ttfb_p99_ms']:.2f} x"
+        )
+    rate = next(iter(results["concurrency"].values()))["stream_rate_mb_per_s"]
+    lines += ["", f"Concurrent streams through nginx and the server, each client reading at {rate:g} MB/s:", ""]
+    lines += [
+        "| source | streams | MiB each | errors | peak concurrent | aggregate MB/s "
+        "| server RSS before / peak MiB | peak threads |"
+    ]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c in results["concurrency"].items():
+        lines.append(
+            f"| {name} | {c['streams']} | {c['stream_mib']:.0f} | {c['errors']} | {c['concurrent_peak']} | "
+            f"{c['aggregate_mb_per_s']:.1f} | {c['rss_before_mib']:.1f} / {c['rss_peak_mib']:.1f} "
+            f"| {c['threads_peak']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=parse_size, default=1024 * MiB)
+    ap.add_argument("--ranges", type=int, default=300, help="range requests per setup and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; sequential reports the median")
+    ap.add_argument("--concurrency", type=int, default=200)
+    ap.add_argument("--stream-size", type=parse_size, default=8 * MiB, help="bytes per concurrent stream")
+    ap.add_argument(
+        "--stream-rate", type=parse_size, default=1_000_000, help="bytes/s each concurrent client reads (0: unlimited)"
+    )
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "stream_results")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="stream-bench-"))
+    procs: list[subprocess.Popen] = []
+    azurite = Azurite(work / "azurite")
+    try:
+        azurite.start()
+        service = BlobServiceClient.from_connection_string(azurite.connection_string)
+        container = service.create_container("media")
+        data_dir = work / "files"
+        data_dir.mkdir()
+        raw = data_dir / "raw.mp4"
+        print(f"writing {args.size / MiB:.0f} MiB ...", flush=True)
+        sha = make_file(raw, args.size)
+        name = f"video/{sha}.mp4"
+        print("uploading to Azurite ...", flush=True)
+        with open(raw, "rb") as f:
+            container.upload_blob(
+                name, f, length=args.size, max_concurrency=4, metadata={"sha256": sha},
+                content_settings=ContentSettings(content_type="video/mp4"),
+            )  # fmt: skip
+        # Two libraries: one without the file (Blob mode), one with it (local mode).
+        empty_roots, local_roots = work / "empty", work / "local"
+        for r in (empty_roots, local_roots):
+            (r / "audio").mkdir(parents=True)
+            (r / "video").mkdir(parents=True)
+        os.link(raw, local_roots / f"{name}")
+
+        p, blob_sock = start_server(work, "server-blob", azurite, "media", empty_roots, {})
+        procs.append(p)
+        blob_pid = p.pid
+        p, local_sock = start_server(work, "server-local", azurite, "media", local_roots, {})
+        procs.append(p)
+        local_pid = p.pid
+        p, xaccel_sock = start_server(
+            work, "server-xaccel", azurite, "media", local_roots, {"STREAM_X_ACCEL_PREFIX": "/_gighive_media_internal"}
+        )
+        procs.append(p)
+
+        fronts = {}
+        for label, sock, internal in (
+            ("server+nginx", blob_sock, False),
+            ("server+nginx/local", local_sock, False),
+            ("server+nginx/x-accel", xaccel_sock, True),
+        ):
+            block = snippet("nginx-locations.conf") + (
+                snippet("nginx-internal.conf", roots=local_roots) if internal else ""
+            )
+            p, port = start_nginx(
+                work, label.replace("/", "-").replace("+", "-"), block, snippet("nginx-upstream.conf", sock)
+            )
+            procs.append(p)
+            fronts[label] = port
+        p, static_port = start_nginx(work, "nginx-static", f"location /video/ {{ root {local_roots}; }}")
+        procs.append(p)
+
+        sas = generate_container_sas(
+            ACCOUNT_NAME, "media", account_key=ACCOUNT_KEY, permission=ContainerSasPermissions(read=True, list=True),
+            expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=6),
+        )  # fmt: skip
+        rclone_port = _proc.free_port()
+        sas_url = f"{azurite.blob_endpoint}/media?{sas}"
+        p = _proc.spawn(
+            ["rclone", "serve", "http", f":azureblob,sas_url='{sas_url}':", "--addr", f"127.0.0.1:{rclone_port}",
+             "--read-only", "--no-modtime"],
+            work / "rclone.log",
+        )  # fmt: skip
+        procs.append(p)
+        wait_port("127.0.0.1", rclone_port)
+
+        targets = [
+            Target("azurite", azurite.blob_endpoint, f"/media/{name}", sas),
+            Target("rclone", f"http://127.0.0.1:{rclone_port}", f"/media/{name}"),
+            Target("server+nginx", f"http://127.0.0.1:{fronts['server+nginx']}", f"/{name}"),
+            Target("server+nginx/local", f"http://127.0.0.1:{fronts['server+nginx/local']}", f"/{name}"),
+            Target("server+nginx/x-accel", f"http://127.0.0.1:{fronts['server+nginx/x-accel']}", f"/{name}"),
+            Target("nginx", f"http://127.0.0.1:{static_port}", f"/{name}"),
+        ]
+        rng = random.Random(42)
+        offsets = [rng.randrange(0, args.size - RANGE_SIZE) for _ in range(args.ranges)]
+        setups: dict[str, dict] = {t.name: {} for t in targets}
+        # Warm-up: page cache, connection pools, the server's stat cache (as in steady use).
+        for t in targets:
+            ranges(t, offsets[:5], raw)
+        # Interleave the setups so that drift (page cache, thermal, Azurite state) hits all alike.
+        seq_runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+        range_runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+        for round_no in range(args.rounds):
+            for t in targets:
+                print(f"round {round_no + 1}: sequential {t.name} ...", flush=True)
+                seq_runs[t.name].append(sequential(t, args.size))
+            for t in targets:
+                print(f"round {round_no + 1}: ranges {t.name} ...", flush=True)
+                range_runs[t.name].append(ranges(t, offsets, raw))
+        for t in targets:
+            runs = sorted(seq_runs[t.name], key=lambda r: r["mb_per_s"])
+            setups[t.name]["sequential"] = {**runs[len(runs) // 2], "runs_mb_per_s": [r["mb_per_s"] for r in runs]}
+            setups[t.name]["ranges"] = pooled_ranges(range_runs[t.name])
+        concurrency = {}
+        for label, pid, t in (("blob", blob_pid, targets[2]), ("local", local_pid, targets[3])):
+            print(f"{args.concurrency} concurrent streams from {label} ...", flush=True)
+            concurrency[label] = concurrent_streams(
+                t, pid, args.concurrency, args.stream_size, args.size, raw, args.stream_rate
+            )
+
+        results = {
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "size_mib": args.size / MiB,
+            "range_requests": args.ranges,
+            "rounds": args.rounds,
+            "setups": setups,
+            "concurrency": concurrency,
+        }
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(results))
+        args.out.with_suffix(".svg").write_text(svg_plot(results) + "\n")
+        print(markdown(results))
+        return 0
+    finally:
+        for p in reversed(procs):
+            _proc.terminate(p, timeout=30)
+        azurite.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory kept: {work}")
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(120)
+    sys.exit(main())
