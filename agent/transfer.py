@@ -108,18 +108,26 @@ class Transfer:
         self._check_unchanged(mf, f.fileno(), st)
         sha, md5 = h.sha256.hexdigest(), h.md5.digest()
         self._throttle(len(data))
-        etag = self.store.put(mf.blob_name, data, mf.content_type, md5, sha, overwrite=False)
+        put = self.store.put(mf.blob_name, data, mf.content_type, md5, sha, overwrite=False)
         already = False
-        if etag is None:
+        if put is None:
             # Something is there: the same content (a re-run, another host) or stale bytes.
             existing = self.store.stat(mf.blob_name)
             if existing is not None and _same_content(existing, len(data), sha, md5):
                 already = True
-                etag = existing.etag
+                put = existing
             else:
-                etag = self.store.put(mf.blob_name, data, mf.content_type, md5, sha, overwrite=True)
-                assert etag is not None
-        info = self._verify(mf, len(data), sha, md5)
+                put = self.store.put(mf.blob_name, data, mf.content_type, md5, sha, overwrite=True)
+                assert put is not None
+        if self.readback or put.content_md5 is None:
+            info = self._verify(mf, len(data), sha, md5)
+        else:
+            # A single Put Blob is checked by the service against our transactional MD5 over the
+            # whole body, and answers with the MD5 it stored: comparing that is the verification,
+            # with no second request (unlike a block list, whose commit checks no whole-blob MD5).
+            if put.content_md5 != md5 or put.size != len(data):
+                raise VerificationFailed(f"blob {mf.blob_name}: the service stored other bytes than were sent")
+            info = put
         return TransferResult(len(data), st.st_mtime_ns, st.st_ino, sha, md5, info.etag, already, 1, 0, 0.0)
 
     # ---- large files: staged blocks --------------------------------------------------------
