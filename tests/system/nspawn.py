@@ -96,25 +96,34 @@ class Container:
             cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         self.leader = wait_for(self._find_leader, timeout=30, what="the container's init process")
-        state = wait_for(self._system_state, timeout=timeout, interval=0.5, what="systemd inside to finish booting")
-        if state not in ("running", "degraded"):
-            raise ContainerError(f"container booted into state {state!r}\n{self.console_tail()}")
+        # "offline" until PID 1 answers on its private socket, then "initializing"/"starting".
+        last: list[str] = []
+
+        def booted() -> bool:
+            last[:] = [self._system_state()]
+            return last[0] in ("running", "degraded")
+
+        try:
+            wait_for(booted, timeout=timeout, interval=0.5, what="systemd inside to finish booting")
+        except TimeoutError:
+            raise ContainerError(f"container did not boot (state {last[0]!r})\n{self.console_tail()}") from None
 
     def _find_leader(self) -> int | None:
         assert self._nspawn is not None
         if self._nspawn.poll() is not None:
             raise ContainerError(f"systemd-nspawn exited with status {self._nspawn.returncode}\n{self.console_tail()}")
         children = Path(f"/proc/{self._nspawn.pid}/task/{self._nspawn.pid}/children")
+        # Until it execs systemd, nspawn's child is a helper in other namespaces: wait for init.
         with contextlib.suppress(OSError):
-            pids = children.read_text().split()
-            if pids:
-                return int(pids[0])
+            for pid in children.read_text().split():
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    return int(pid)
         return None
 
-    def _system_state(self) -> str | None:
-        r = self.run(["systemctl", "is-system-running"], check=False, timeout=10)
-        state = r.stdout.strip()
-        return None if state in ("", "initializing", "starting") else state
+    def _system_state(self) -> str:
+        if self._nspawn is None or self._nspawn.poll() is not None:
+            raise ContainerError(f"systemd-nspawn exited while booting\n{self.console_tail()}")
+        return self.run(["systemctl", "is-system-running"], check=False, timeout=10).stdout.strip()
 
     def poweroff(self, timeout: float = 30.0) -> None:
         proc = self._nspawn

@@ -13,23 +13,21 @@ pytestmark = pytest.mark.system
 BAD = {"MEDIA_STORAGE_BACKEND": "bogus"}
 
 
-@pytest.mark.parametrize("service", ["gighive-media-upload.service", "gighive-media-retry.service"])
-def test_bad_value_exits_78_and_systemd_does_not_restart_it(
-    installed: Container, configure_agent, service: str
-) -> None:
+def test_bad_value_exits_78_and_systemd_does_not_restart_it(installed: Container, configure_agent) -> None:
     configure_agent(installed, env=BAD)
-    installed.systemctl("start", "--no-block", service)
-    props = installed.wait_inactive(service)
-    log = installed.journal(service, "-o", "cat")
-    assert props["ExecMainStatus"] == "78", log
-    assert props["ActiveState"] == "failed" and props["SubState"] == "failed", props
-    # Restart=on-failure would have put it in "auto-restart"; RestartPreventExitStatus=78 did not.
-    assert props["NRestarts"] == "0", props
-    time.sleep(2)
-    again = installed.show(service, "ActiveState", "NRestarts")
-    assert again == {"ActiveState": "failed", "NRestarts": "0"}, again
-    assert "MEDIA_STORAGE_BACKEND" in log, "the log names the bad variable:\n" + log
-    assert "status=78/CONFIG" in log
+    for service in ("gighive-media-upload.service", "gighive-media-retry.service"):
+        installed.systemctl("start", "--no-block", service)
+        props = installed.wait_inactive(service)
+        log = installed.journal(service, "-o", "cat")
+        assert props["ExecMainStatus"] == "78", log
+        assert props["ActiveState"] == "failed" and props["SubState"] == "failed", props
+        # Restart=on-failure would have put it in "auto-restart"; RestartPreventExitStatus=78 did not.
+        assert props["NRestarts"] == "0", props
+        time.sleep(2)
+        again = installed.show(service, "ActiveState", "NRestarts")
+        assert again == {"ActiveState": "failed", "NRestarts": "0"}, again
+        assert "MEDIA_STORAGE_BACKEND" in log, "the log names the bad variable:\n" + log
+        assert "status=78/CONFIG" in log
 
 
 def test_path_unit_keeps_watching_while_every_run_fails_on_bad_configuration(
