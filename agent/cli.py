@@ -30,6 +30,7 @@ COMMANDS = {
     "status": "show counts per state, items needing attention, and the configuration",
     "requeue": "put dead (or quarantined / failed) items back in the queue",
     "db-migrate": "create or update the DB pointer table in GigHive's MySQL (idempotent)",
+    "doctor": "preflight: check config, DNS, TLS, token, container, roots, MySQL and units (PASS/WARN/FAIL)",
 }
 
 
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failed", action="store_true", help="also retry failed items now instead of at their backoff time")
     p.add_argument("items", nargs="*", metavar="BLOB_OR_PATH", help="only these (blob names or local paths)")
     sub.add_parser("db-migrate", help=COMMANDS["db-migrate"], description=COMMANDS["db-migrate"], parents=[common])
+    sub.add_parser(
+        "doctor",
+        help=COMMANDS["doctor"],
+        description=COMMANDS["doctor"] + ". Exit code: 0 all pass, 1 warnings, 2 a check failed, 78 bad config.",
+        parents=[common],
+    )
     return parser
 
 
@@ -90,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigErrors as e:
         for err in e.errors:
             log.error("configuration error: %s", err, extra={"fields": {"config_variable": err.variable}})
+        if args.command == "doctor":
+            from .actions import doctor
+
+            return doctor.config_failed(e, as_json)
         if as_json:
             print(json.dumps({"error": "configuration", "problems": [str(x) for x in e.errors]}, indent=2))
         return EXIT_CONFIG
@@ -114,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         from .actions.status import render
 
         print(render(result))
+    elif args.command == "doctor":
+        from .actions.doctor import render_result
+
+        print(render_result(result))
     elif args.command in ("requeue", "db-migrate"):
         print(_one_line(args.command, result))
     return code
@@ -148,6 +163,10 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
         from .actions import db_migrate
 
         return db_migrate.run(config), EXIT_OK
+    if command == "doctor":
+        from .actions import doctor
+
+        return doctor.run(config)
     raise AssertionError(f"unhandled command {command}")
 
 
