@@ -251,8 +251,9 @@ class _Reader:
             if required:
                 self.fail(
                     file_var,
-                    f"not set and no systemd credential {credential!r} was passed; name a file "
-                    f"holding the secret, or add LoadCredential={credential}:<path> to the unit",
+                    f"not set and no systemd credential {credential!r} was passed; put the secret in "
+                    f"/etc/credstore/gighive-media-agent.{credential} (mode 0600; the units load it "
+                    "with LoadCredential=), or name a file holding it",
                 )
             return None
         try:

@@ -53,7 +53,7 @@ class _JournalHandler(logging.Handler):
                 SYSLOG_IDENTIFIER=IDENTIFIER,
                 LOGGER=record.name,
                 CODE_FILE=record.pathname,
-                CODE_LINE=str(record.lineno),
+                CODE_LINE=record.lineno,  # journal.send formats it with {:d}
                 CODE_FUNC=record.funcName,
                 **fields,
             )
