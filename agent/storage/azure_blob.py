@@ -156,17 +156,7 @@ class AzureBlobStore:
             if getattr(e, "error_code", None) == "ContainerNotFound":
                 raise StoreUnavailable(_describe(e)) from e
             return None
-        md5 = props.content_settings.content_md5
-        return ObjectInfo(
-            name=name,
-            size=props.size,
-            etag=props.etag,
-            last_modified=props.last_modified,
-            content_md5=bytes(md5) if md5 else None,
-            sha256=(props.metadata or {}).get(SHA256_METADATA_KEY),
-            content_type=props.content_settings.content_type,
-            metadata=dict(props.metadata or {}),
-        )
+        return _object_info(name, props)
 
     def read_range(
         self, name: str, offset: int, length: int, etag: str | None = None, chunk_size: int = 4 * 1024 * 1024
@@ -196,17 +186,7 @@ class AzureBlobStore:
     def list(self, prefix: str | None = None) -> Iterator[ObjectInfo]:
         try:
             for props in self.container.list_blobs(name_starts_with=prefix, include=["metadata"]):
-                md5 = props.content_settings.content_md5
-                yield ObjectInfo(
-                    name=props.name,
-                    size=props.size,
-                    etag=props.etag,
-                    last_modified=props.last_modified,
-                    content_md5=bytes(md5) if md5 else None,
-                    sha256=(props.metadata or {}).get(SHA256_METADATA_KEY),
-                    content_type=props.content_settings.content_type,
-                    metadata=dict(props.metadata or {}),
-                )
+                yield _object_info(props.name, props)
         except (HttpResponseError, ServiceRequestError, ServiceResponseError) as e:
             raise StoreUnavailable(_describe(e)) from e
 
@@ -284,6 +264,22 @@ class AzureBlobStore:
             self._call(lambda: self.blob(name).delete_blob(**kwargs))
         except ResourceNotFoundError:
             return
+
+
+def _object_info(name: str, props: Any) -> ObjectInfo:
+    """BlobProperties (from a HEAD or a listing) as the storage seam's ObjectInfo."""
+    md5 = props.content_settings.content_md5
+    metadata = dict(props.metadata or {})
+    return ObjectInfo(
+        name=name,
+        size=props.size,
+        etag=props.etag,
+        last_modified=props.last_modified,
+        content_md5=bytes(md5) if md5 else None,
+        sha256=metadata.get(SHA256_METADATA_KEY),
+        content_type=props.content_settings.content_type,
+        metadata=metadata,
+    )
 
 
 def block_id(index: int, md5: bytes) -> str:

@@ -7,20 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
-
-from tests.integration.agent_harness import Harness, connection_string_settings
 from tests.support.media import make_content_addressed
-
-
-@pytest.fixture
-def harness(tmp_path, azurite, blob_container, media_roots) -> Harness:
-    h = Harness(tmp_path, media_roots)
-    h.settings = connection_string_settings(
-        azurite.connection_string, blob_container.container_name, media_roots, h.state_dir
-    )
-    h.write_config()
-    return h
 
 
 def test_upload_sends_ready_status_and_stopping_to_systemd(harness, media_roots, tmp_path):

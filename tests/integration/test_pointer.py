@@ -9,16 +9,14 @@ import pytest
 
 from agent.actions import retry, upload
 from agent.pointer import TABLE
-from tests.integration.agent_harness import Harness, blob_names, connection_string_settings
+from tests.integration.agent_harness import Harness, blob_names
 from tests.integration.test_upload import library
 
 
 @pytest.fixture
-def harness(tmp_path, azurite, blob_container, media_roots, media_db) -> Harness:
-    h = Harness(tmp_path, media_roots)
-    h.settings = connection_string_settings(
-        azurite.connection_string, blob_container.container_name, media_roots, h.state_dir
-    )
+def harness(harness, tmp_path, media_db) -> Harness:
+    """The base harness plus GigHive's MySQL (MariaDB)."""
+    h = harness
     h.settings.update(
         MYSQL_HOST=media_db.host,
         MYSQL_PORT=str(media_db.port),

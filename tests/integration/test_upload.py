@@ -7,28 +7,15 @@ import os
 import threading
 import time
 
-import pytest
-
 from agent.actions import retry, upload
 from agent.state import StateStore
 from tests.integration.agent_harness import (
     Harness,
     blob_bytes,
     blob_names,
-    connection_string_settings,
     container_client,
 )
 from tests.support.media import make_content_addressed, make_thumbnail
-
-
-@pytest.fixture
-def harness(tmp_path, azurite, blob_container, media_roots) -> Harness:
-    h = Harness(tmp_path, media_roots)
-    h.settings = connection_string_settings(
-        azurite.connection_string, blob_container.container_name, media_roots, h.state_dir
-    )
-    h.write_config()
-    return h
 
 
 def library(roots, large: int = 1_300_000):
@@ -156,7 +143,7 @@ def test_symlinks_fifos_hidden_and_temporary_files_are_not_uploaded(harness, blo
     assert set(states(harness)) == {f"audio/{sha}.mp3"}
 
 
-def test_file_changing_during_upload_is_not_committed_and_is_retried(harness, blob_container, media_roots):
+def test_file_changing_during_upload_is_not_committed_and_is_retried(harness, blob_container, media_roots, monkeypatch):
     """A writer appends while the agent reads: nothing is committed, the file is deferred, then
     uploaded whole once it is stable."""
     thumb = media_roots["video"] / "thumbnails" / f"{'1' * 64}.png"
@@ -174,11 +161,9 @@ def test_file_changing_during_upload_is_not_committed_and_is_retried(harness, bl
                 f.write(b"more bytes arriving")
         return original(self, name, block_id, data, md5)
 
-    AzureBlobStore.stage_block = stage_and_grow
-    try:
-        first = upload.run(cfg, watch=False)
-    finally:
-        AzureBlobStore.stage_block = original
+    monkeypatch.setattr(AzureBlobStore, "stage_block", stage_and_grow)
+    first = upload.run(cfg, watch=False)
+    monkeypatch.undo()
     assert first["deferred"] == 1 and first["uploaded"] == 0
     assert blob_names(blob_container) == set()
     second = upload.run(cfg, watch=False)
@@ -186,7 +171,7 @@ def test_file_changing_during_upload_is_not_committed_and_is_retried(harness, bl
     assert blob_bytes(blob_container, f"video/thumbnails/{'1' * 64}.png") == thumb.read_bytes()
 
 
-def test_restarted_upload_reuses_staged_blocks(harness, blob_container, media_roots):
+def test_restarted_upload_reuses_staged_blocks(harness, blob_container, media_roots, monkeypatch):
     path, sha = make_content_addressed(media_roots["video"], 2_000_000, "mp4", seed=6)
     cfg = harness.config(UPLOAD_BLOCK_CONCURRENCY="1")
     from agent.storage.azure_blob import AzureBlobStore
@@ -200,11 +185,9 @@ def test_restarted_upload_reuses_staged_blocks(harness, blob_container, media_ro
         sent.append(block_id)
         return original(self, name, block_id, data, md5)
 
-    AzureBlobStore.stage_block = stage_then_fail
-    try:
-        first = upload.run(cfg, watch=False)
-    finally:
-        AzureBlobStore.stage_block = original
+    monkeypatch.setattr(AzureBlobStore, "stage_block", stage_then_fail)
+    first = upload.run(cfg, watch=False)
+    monkeypatch.undo()
     assert first["failed"] == 1
     assert blob_names(blob_container) == set()  # uncommitted blocks are invisible
     second = retry.run(cfg)
@@ -213,13 +196,8 @@ def test_restarted_upload_reuses_staged_blocks(harness, blob_container, media_ro
     assert blob_bytes(blob_container, f"video/{sha}.mp4") == path.read_bytes()
 
 
-def test_azurite_down_during_upload_keeps_the_file_and_retry_uploads_it(tmp_path, azurite_factory, media_roots):
-    az = azurite_factory()
-    from azure.storage.blob import BlobServiceClient
-
-    BlobServiceClient.from_connection_string(az.connection_string).create_container("media")
-    h = Harness(tmp_path, media_roots)
-    h.settings = connection_string_settings(az.connection_string, "media", media_roots, h.state_dir)
+def test_azurite_down_during_upload_keeps_the_file_and_retry_uploads_it(private_harness, media_roots, monkeypatch):
+    h, az = private_harness
     cfg = h.config()
     path, sha = make_content_addressed(media_roots["video"], 1_500_000, "mp4", seed=7)
     from agent.storage.azure_blob import AzureBlobStore
@@ -233,11 +211,9 @@ def test_azurite_down_during_upload_keeps_the_file_and_retry_uploads_it(tmp_path
             az.kill()  # the service dies mid-upload, SIGKILL
         return original(self, name, block_id, data, md5)
 
-    AzureBlobStore.stage_block = stage_and_kill
-    try:
-        first = upload.run(cfg, watch=False)
-    finally:
-        AzureBlobStore.stage_block = original
+    monkeypatch.setattr(AzureBlobStore, "stage_block", stage_and_kill)
+    first = upload.run(cfg, watch=False)
+    monkeypatch.undo()
     assert first["failed"] == 1
     assert path.exists()
     status = h.cli_json("status")
@@ -252,13 +228,8 @@ def test_azurite_down_during_upload_keeps_the_file_and_retry_uploads_it(tmp_path
     assert blob_bytes(container_client(az.connection_string, "media"), f"video/{sha}.mp4") == path.read_bytes()
 
 
-def test_repeated_failures_go_dead_and_requeue_brings_them_back(tmp_path, azurite_factory, media_roots):
-    az = azurite_factory()
-    from azure.storage.blob import BlobServiceClient
-
-    BlobServiceClient.from_connection_string(az.connection_string).create_container("media")
-    h = Harness(tmp_path, media_roots)
-    h.settings = connection_string_settings(az.connection_string, "media", media_roots, h.state_dir)
+def test_repeated_failures_go_dead_and_requeue_brings_them_back(private_harness, media_roots):
+    h, az = private_harness
     h.write_config(RETRY_MAX_ATTEMPTS="2")
     make_content_addressed(media_roots["audio"], 1000, "mp3", seed=8)
     az.stop()
@@ -377,15 +348,10 @@ def test_bandwidth_cap_limits_the_rate(harness, blob_container, media_roots):
     assert time.monotonic() - started >= (600 - 256) / 256 * 0.95
 
 
-def test_an_outage_costs_one_attempt_not_one_per_file(tmp_path, azurite_factory, media_roots):
+def test_an_outage_costs_one_attempt_not_one_per_file(private_harness, media_roots):
     """With Azure unreachable the first failure stops the run: the other files are held back,
     still queued and still local, instead of each burning retries and an attempt."""
-    az = azurite_factory()
-    from azure.storage.blob import BlobServiceClient
-
-    BlobServiceClient.from_connection_string(az.connection_string).create_container("media")
-    h = Harness(tmp_path, media_roots)
-    h.settings = connection_string_settings(az.connection_string, "media", media_roots, h.state_dir)
+    h, az = private_harness
     cfg = h.config(UPLOAD_FILE_CONCURRENCY="1")
     for i in range(5):
         make_content_addressed(media_roots["audio"], 3000, "mp3", seed=400 + i)
