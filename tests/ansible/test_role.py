@@ -175,6 +175,29 @@ def test_upload_through_the_configured_units(host, azurite, role_container_name)
     )
 
 
+def set_state(c: Container, blob: str, state: str) -> None:
+    """Change one file's state in the agent's SQLite queue, as the service user (files stay its own)."""
+    script = (
+        "import sqlite3, sys; db = sqlite3.connect('/var/lib/gighive-media-agent/state.sqlite3'); "
+        "n = db.execute('UPDATE files SET state = ?, local_copy = ? WHERE blob_name = ?', "
+        "(sys.argv[1], 0 if sys.argv[1] == 'evicted' else 1, sys.argv[2])).rowcount; db.commit(); "
+        "sys.exit(0 if n == 1 else 1)"
+    )
+    c.run(["runuser", "-u", "gighive-media", "--", "python3", "-c", script, state, blob])
+
+
+def test_backend_local_is_refused_while_files_exist_only_in_blob(host, azure_vars):
+    set_state(host, "video/thumbnails/x.png", "evicted")
+    try:
+        rc, out, recap = playbook(host, {**azure_vars, "media_storage_backend": "local"})
+        assert rc != 0, out
+        assert "exist only in Azure Blob" in out and "gighive-media migrate --to-local" in out, out
+        # nothing was stopped
+        assert unit_states(host) == {u: ("enabled", "active") for u in UNITS}
+    finally:
+        set_state(host, "video/thumbnails/x.png", "uploaded")
+
+
 def test_backend_local_leaves_no_enabled_agent_unit(host, azure_vars):
     rc, out, recap = playbook(host, {**azure_vars, "media_storage_backend": "local"})
     assert rc == 0, out
