@@ -101,7 +101,7 @@ def _http_hint(e: Exception) -> tuple[str, str]:
 
 
 def check_container(ctx: Context) -> Check:
-    reason = _skip_reason(ctx, "tcp", "token")
+    reason = _skip_reason(ctx, "tcp", "tls", "token")
     if reason:
         return Check("container", SKIP, reason)
     name = ctx.config.container
