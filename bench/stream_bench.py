@@ -55,6 +55,8 @@ from tests.support.media import _blocks  # noqa: E402
 
 MiB = 1024 * 1024
 RANGE_SIZE = 256 * 1024
+# A setup that fails this many range requests in a row is given up for the round.
+GIVE_UP_AFTER = 3
 
 
 def parse_size(text: str) -> int:
@@ -107,12 +109,15 @@ def start_server(work: Path, name: str, azurite: Azurite, container: str, roots:
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     env_file.chmod(0o600)
     sock = work / f"{name}.sock"
+    tcp_port = _proc.free_port()
     proc = _proc.spawn(
-        [sys.executable, "-m", "agent.stream", "--config", str(env_file), "--listen", f"unix:{sock}"],
+        [sys.executable, "-m", "agent.stream", "--config", str(env_file), "--listen", f"unix:{sock}",
+         "--listen", f"127.0.0.1:{tcp_port}"],
         work / f"{name}.log",
-    )
+    )  # fmt: skip
     wait_path(sock)
-    return proc, sock
+    wait_port("127.0.0.1", tcp_port)
+    return proc, sock, tcp_port
 
 
 def start_nginx(work: Path, name: str, server_block: str, http_extra: str = "") -> tuple[subprocess.Popen, int]:
@@ -158,8 +163,8 @@ class Target:
         self.name, self.host, self.port = name, u.hostname or "127.0.0.1", u.port or 80
         self.path = (u.path.rstrip("/") + path) + (f"?{query}" if query else "")
 
-    def connection(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=120)
+    def connection(self, timeout: float = 120) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
 
 def sequential(target: Target, size: int) -> dict[str, float]:
@@ -182,32 +187,65 @@ def sequential(target: Target, size: int) -> dict[str, float]:
     return {"seconds": elapsed, "mb_per_s": size / elapsed / 1e6, "ttfb_ms": ttfb * 1000}
 
 
-def ranges(target: Target, offsets: list[int], expected: Path) -> dict[str, float]:
-    conn = target.connection()
-    ttfbs = []
+def ranges(target: Target, offsets: list[int], expected: Path) -> dict:
+    """Range GETs on one keep-alive connection; a failed request is counted, and the next one
+    goes out on a fresh connection (one bad setup must not end the whole run)."""
+    conn = target.connection(timeout=30)
+    ttfbs: list[float] = []
+    errors: list[str] = []
+    consecutive = 0
     with open(expected, "rb") as f:
         for off in offsets:
-            t0 = time.perf_counter()
-            conn.request("GET", target.path, headers={"Range": f"bytes={off}-{off + RANGE_SIZE - 1}"})
-            r = conn.getresponse()
-            first = r.read(1)
-            ttfbs.append(time.perf_counter() - t0)
-            body = first + r.read()
-            if r.status != 206 or body != os.pread(f.fileno(), RANGE_SIZE, off):
-                raise RuntimeError(f"{target.name}: range at {off} gave {r.status}, {len(body)} bytes")
+            try:
+                t0 = time.perf_counter()
+                conn.request("GET", target.path, headers={"Range": f"bytes={off}-{off + RANGE_SIZE - 1}"})
+                r = conn.getresponse()
+                first = r.read(1)
+                ttfb = time.perf_counter() - t0
+                body = first + r.read()
+                if r.status != 206 or body != os.pread(f.fileno(), RANGE_SIZE, off):
+                    raise RuntimeError(f"status {r.status}, {len(body)} bytes")
+                ttfbs.append(ttfb)
+                consecutive = 0
+            except Exception as e:  # noqa: BLE001 - counted and reported per setup
+                errors.append(f"range at {off}: {type(e).__name__}: {e}")
+                consecutive += 1
+                conn.close()
+                if consecutive >= GIVE_UP_AFTER:
+                    errors.append(f"gave up after {len(ttfbs)} good and {consecutive} failed requests in a row")
+                    break
+                conn = target.connection(timeout=30)
     conn.close()
-    return {"ttfbs": ttfbs}
+    return {"ttfbs": ttfbs, "errors": errors}
 
 
 def pooled_ranges(runs: list[dict]) -> dict[str, float]:
     """Percentiles over the requests of all rounds together."""
-    ttfbs = sorted(x for r in runs for x in r["ttfbs"])
+    ttfbs = sorted(x for r in runs for x in r["ttfbs"]) or [0.0]
+    errors = [e for r in runs for e in r["errors"]]
     return {
         "n": len(ttfbs),
+        "errors": len(errors),
+        "error_samples": errors[:5],
         "ttfb_p50_ms": statistics.median(ttfbs) * 1000,
         "ttfb_p99_ms": ttfbs[min(len(ttfbs) - 1, int(len(ttfbs) * 0.99))] * 1000,
         "ttfb_mean_ms": statistics.fmean(ttfbs) * 1000,
     }
+
+
+def p99(ttfbs: list[float]) -> float | None:
+    if not ttfbs:
+        return None
+    ordered = sorted(ttfbs)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def paired(values: list[float | None], baseline: list[float | None]) -> dict[str, float | list[float]]:
+    """Median (and spread) of the per-round ratios value / baseline."""
+    ratios = sorted(v / b for v, b in zip(values, baseline, strict=False) if v and b)
+    if not ratios:
+        return {"median": 0.0, "min": 0.0, "max": 0.0, "ratios": []}
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1], "ratios": ratios}
 
 
 def rss_kib(pid: int) -> int:
@@ -339,35 +377,44 @@ def svg_plot(results: dict) -> str:
     return "\n".join(out)
 
 
+def _ratio(p: dict) -> str:
+    return f"{p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f})"
+
+
 def markdown(results: dict) -> str:
     s = results["setups"]
-    az, ng = s["azurite"], s["nginx"]
+    ng = s["nginx"]
     lines = [
         f"# Stream server benchmark ({results['date']})",
         "",
         f"Machine: {results['machine']}. File: {results['size_mib']:.0f} MiB; "
-        f"{results['rounds']} interleaved rounds; sequential = median round, ranges = percentiles over all "
+        f"{results['rounds']} interleaved rounds (fresh Azurite and rclone each); sequential = median round, "
+        "ranges = percentiles over all "
         f"{results['rounds']} x {results['range_requests']} random {RANGE_SIZE // 1024} KiB ranges per setup, each "
         "round on one keep-alive connection. "
         "All setups run side by side in one run, against the same Azurite and file.",
         "",
-        "| setup | sequential MB/s | x azurite | range TTFB p50 ms | p99 ms | p99 x azurite |",
-        "|---|---:|---:|---:|---:|---:|",
+        "Ratios are paired: each round's figure divided by the baseline's figure in the same round, then "
+        "the median over rounds (min-max in brackets), because other work on the machine makes absolute "
+        "figures drift from round to round.",
+        "",
+        "| setup | sequential MB/s (median) | x azurite, paired | range TTFB p50 ms | p99 ms "
+        "| p99 x azurite, paired | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in s.items():
-        seq, rg = r["sequential"], r["ranges"]
+        seq, rg, pa = r["sequential"], r["ranges"], r["paired_vs_azurite"]
         lines.append(
-            f"| {name} | {seq['mb_per_s']:.1f} | {seq['mb_per_s'] / az['sequential']['mb_per_s']:.2f} | "
-            f"{rg['ttfb_p50_ms']:.2f} | {rg['ttfb_p99_ms']:.2f} | "
-            f"{rg['ttfb_p99_ms'] / az['ranges']['ttfb_p99_ms']:.2f} |"
+            f"| {name} | {seq['mb_per_s']:.1f} | {_ratio(pa['sequential'])} | "
+            f"{rg['ttfb_p50_ms']:.2f} | {rg['ttfb_p99_ms']:.2f} | {_ratio(pa['range_p99'])} | "
+            f"{len(seq['errors']) + rg['errors']} |"
         )
-    lines += ["", "Local mode against nginx alone:", ""]
+    lines += ["", "Local mode against nginx serving the file alone (paired):", ""]
     for name in ("server+nginx/local", "server+nginx/x-accel"):
-        r = s[name]
+        pn = s[name]["paired_vs_nginx"]
         lines.append(
-            f"- {name}: sequential {r['sequential']['mb_per_s'] / ng['sequential']['mb_per_s']:.2f} x nginx, "
-            f"range p50 {r['ranges']['ttfb_p50_ms'] / ng['ranges']['ttfb_p50_ms']:.2f} x, "
-            f"p99 {r['ranges']['ttfb_p99_ms'] / ng['ranges']['ttfb_p99_ms']:.2f} x"
+            f"- {name}: sequential {_ratio(pn['sequential'])} x nginx; range p99 {_ratio(pn['range_p99'])} x; "
+            f"range p50 {s[name]['ranges']['ttfb_p50_ms']:.2f} ms vs {ng['ranges']['ttfb_p50_ms']:.2f} ms"
         )
     rate = next(iter(results["concurrency"].values()))["stream_rate_mb_per_s"]
     lines += ["", f"Concurrent streams through nginx and the server, each client reading at {rate:g} MB/s:", ""]
@@ -401,6 +448,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="stream-bench-"))
     procs: list[subprocess.Popen] = []
+    rclone: dict[str, subprocess.Popen] = {}
     azurite = Azurite(work / "azurite")
     try:
         azurite.start()
@@ -425,13 +473,13 @@ def main() -> int:
             (r / "video").mkdir(parents=True)
         os.link(raw, local_roots / f"{name}")
 
-        p, blob_sock = start_server(work, "server-blob", azurite, "media", empty_roots, {})
+        p, blob_sock, blob_tcp = start_server(work, "server-blob", azurite, "media", empty_roots, {})
         procs.append(p)
         blob_pid = p.pid
-        p, local_sock = start_server(work, "server-local", azurite, "media", local_roots, {})
+        p, local_sock, _ = start_server(work, "server-local", azurite, "media", local_roots, {})
         procs.append(p)
         local_pid = p.pid
-        p, xaccel_sock = start_server(
+        p, xaccel_sock, _ = start_server(
             work, "server-xaccel", azurite, "media", local_roots, {"STREAM_X_ACCEL_PREFIX": "/_gighive_media_internal"}
         )
         procs.append(p)
@@ -457,20 +505,32 @@ def main() -> int:
             ACCOUNT_NAME, "media", account_key=ACCOUNT_KEY, permission=ContainerSasPermissions(read=True, list=True),
             expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=6),
         )  # fmt: skip
-        rclone_port = _proc.free_port()
         sas_url = f"{azurite.blob_endpoint}/media?{sas}"
-        p = _proc.spawn(
-            ["rclone", "serve", "http", f":azureblob,sas_url='{sas_url}':", "--addr", f"127.0.0.1:{rclone_port}",
-             "--read-only", "--no-modtime"],
-            work / "rclone.log",
-        )  # fmt: skip
-        procs.append(p)
-        wait_port("127.0.0.1", rclone_port)
+
+        def restart_rclone(target: Target | None = None) -> int:
+            # rclone 1.60 stops answering after some hundred range requests against Azurite (see
+            # the results), so each round gets a fresh rclone, which is the fairer comparison.
+            if "proc" in rclone:
+                _proc.terminate(rclone["proc"], timeout=30)
+            port = _proc.free_port()
+            rclone["proc"] = _proc.spawn(
+                ["rclone", "serve", "http", f":azureblob,sas_url='{sas_url}':", "--addr", f"127.0.0.1:{port}",
+                 "--read-only", "--no-modtime"],
+                work / "rclone.log",
+            )  # fmt: skip
+            wait_port("127.0.0.1", port)
+            if target is not None:
+                target.port = port
+            return port
+
+        rclone_port = restart_rclone()
 
         targets = [
             Target("azurite", azurite.blob_endpoint, f"/media/{name}", sas),
             Target("rclone", f"http://127.0.0.1:{rclone_port}", f"/media/{name}"),
             Target("server+nginx", f"http://127.0.0.1:{fronts['server+nginx']}", f"/{name}"),
+            # Not a setup of the issue: the server without nginx, to show what each hop costs.
+            Target("server (no nginx)", f"http://127.0.0.1:{blob_tcp}", f"/{name}"),
             Target("server+nginx/local", f"http://127.0.0.1:{fronts['server+nginx/local']}", f"/{name}"),
             Target("server+nginx/x-accel", f"http://127.0.0.1:{fronts['server+nginx/x-accel']}", f"/{name}"),
             Target("nginx", f"http://127.0.0.1:{static_port}", f"/{name}"),
@@ -483,20 +543,54 @@ def main() -> int:
             ranges(t, offsets[:5], raw)
         # Interleave the setups so that drift (page cache, thermal, Azurite state) hits all alike.
         seq_runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
-        range_runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+        range_runs: dict[str, list[dict]] = {t.name: [] for t in targets}
+        seq_errors: dict[str, list[str]] = {t.name: [] for t in targets}
+        seq_by_round: dict[str, list[float | None]] = {t.name: [] for t in targets}
         for round_no in range(args.rounds):
+            # A fresh Azurite and rclone every round: rclone leaves connections open that pile up
+            # in Azurite (which then fails with 500 after a few rounds), and every setup should
+            # meet the same Azurite state.
+            azurite.restart()
+            restart_rclone(targets[1])
+            for t in targets:
+                ranges(t, offsets[:5], raw)  # refill connection pools after the restart
             for t in targets:
                 print(f"round {round_no + 1}: sequential {t.name} ...", flush=True)
-                seq_runs[t.name].append(sequential(t, args.size))
+                try:
+                    run = sequential(t, args.size)
+                    seq_runs[t.name].append(run)
+                    seq_by_round[t.name].append(run["mb_per_s"])
+                except Exception as e:  # noqa: BLE001 - reported, the other setups go on
+                    print(f"  failed: {type(e).__name__}: {e}", flush=True)
+                    seq_errors[t.name].append(f"{type(e).__name__}: {e}")
+                    seq_by_round[t.name].append(None)
             for t in targets:
                 print(f"round {round_no + 1}: ranges {t.name} ...", flush=True)
                 range_runs[t.name].append(ranges(t, offsets, raw))
         for t in targets:
             runs = sorted(seq_runs[t.name], key=lambda r: r["mb_per_s"])
-            setups[t.name]["sequential"] = {**runs[len(runs) // 2], "runs_mb_per_s": [r["mb_per_s"] for r in runs]}
+            median = runs[len(runs) // 2] if runs else {"seconds": 0.0, "mb_per_s": 0.0, "ttfb_ms": 0.0}
+            setups[t.name]["sequential"] = {
+                **median,
+                "runs_mb_per_s": [r["mb_per_s"] for r in runs],
+                "errors": seq_errors[t.name],
+            }
             setups[t.name]["ranges"] = pooled_ranges(range_runs[t.name])
+        # Paired ratios: each round's figure against the baseline's figure of the same round, so
+        # that load from other processes on the machine (which drifts) cancels out.
+        p99_by_round = {name: [p99(r["ttfbs"]) for r in runs] for name, runs in range_runs.items()}
+        for t in targets:
+            for base in ("azurite", "nginx"):
+                setups[t.name][f"paired_vs_{base}"] = {
+                    "sequential": paired(seq_by_round[t.name], seq_by_round[base]),
+                    "range_p99": paired(p99_by_round[t.name], p99_by_round[base]),
+                }
         concurrency = {}
-        for label, pid, t in (("blob", blob_pid, targets[2]), ("local", local_pid, targets[3])):
+        by_name = {t.name: t for t in targets}
+        for label, pid, t in (
+            ("blob", blob_pid, by_name["server+nginx"]),
+            ("local", local_pid, by_name["server+nginx/local"]),
+        ):
             print(f"{args.concurrency} concurrent streams from {label} ...", flush=True)
             concurrency[label] = concurrent_streams(
                 t, pid, args.concurrency, args.stream_size, args.size, raw, args.stream_rate
@@ -517,6 +611,8 @@ def main() -> int:
         print(markdown(results))
         return 0
     finally:
+        if "proc" in rclone:
+            procs.append(rclone["proc"])
         for p in reversed(procs):
             _proc.terminate(p, timeout=30)
         azurite.stop()

@@ -197,14 +197,18 @@ class Handler:
         except UpstreamError as e:
             self.stats.add(upstream_errors=1)
             status = 504 if e.timeout else 502
+            cut = out.head_sent
             log.error(
-                "Azure Blob failed while answering %s: %s",
+                "reading %s failed%s: %s",
                 media.blob_name,
+                " mid-response, response cut" if cut else "",
                 e,
-                extra={"fields": {"blob_name": media.blob_name, "http_status": status, "cause": str(e)}},
+                extra={
+                    "fields": {"blob_name": media.blob_name, "http_status": "cut" if cut else status, "cause": str(e)}
+                },
             )
-            if out.head_sent:
-                return False  # the body is cut short; the client sees a truncated response
+            if cut:
+                return False  # the client sees a body shorter than its Content-Length
             retry_after = [("Retry-After", str(self.settings.retry_after_seconds))]
             error_response(out, status, head_only=head_only, extra=[*retry_after, *self._conn(req, keep_alive)])
             return keep_alive

@@ -33,7 +33,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import EXIT_CONFIG, EXIT_OK, AgentError, ConfigError, ConfigErrors
 from ..notify import Notifier
-from .handler import Handler, Output, Stats, reject
+from .handler import ClientGone, Handler, Output, Stats, reject
 from .http import HttpError, parse_head
 from .settings import StreamSettings, load_settings
 from .sources import BlobSource, LocalSource, Sources
@@ -255,6 +255,8 @@ class StreamServer:
                         break
                 finally:
                     self._set_busy(conn, False)
+        except ClientGone:
+            pass  # the client left while an answer was being written; nothing to tell anyone
         except Exception:
             # A bug: the traceback goes to the journal, the client gets a bare 500 (if anything).
             log.exception("internal error while serving a connection")

@@ -19,9 +19,9 @@ from .conftest import MediaLibrary
 from .support import connection
 
 STREAMS = 200
-STREAM_BYTES = 1024 * 1024
-# Each client reads like a player (about 4 Mbit/s), so all 200 streams are open at once.
-CLIENT_RATE = 500_000
+STREAM_BYTES = 2 * 1024 * 1024
+# Each client reads like a player (2 Mbit/s) for about 8 s, so all 200 streams are open at once.
+CLIENT_RATE = 250_000
 # The target for the whole process at 200 streams.
 RSS_LIMIT_MIB = 100
 
