@@ -31,6 +31,7 @@ COMMANDS = {
     "requeue": "put dead (or quarantined / failed) items back in the queue",
     "db-migrate": "create or update the DB pointer table in GigHive's MySQL (idempotent)",
     "doctor": "preflight: check config, DNS, TLS, token, container, roots, MySQL and units (PASS/WARN/FAIL)",
+    "serve": "stream /audio/ and /video/ to the web front from local disk or Blob (started by the socket unit)",
 }
 
 
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=COMMANDS["doctor"],
         description=COMMANDS["doctor"] + ". Exit code: 0 all pass, 1 warnings, 2 a check failed, 78 bad config.",
         parents=[common],
+    )
+    p = sub.add_parser("serve", help=COMMANDS["serve"], description=COMMANDS["serve"], parents=[common])
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDRESS",
+        help="listen on HOST:PORT or unix:/path instead of the sockets systemd passes (repeatable; development)",
     )
     return parser
 
@@ -167,6 +175,10 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
         from .actions import doctor
 
         return doctor.run(config)
+    if command == "serve":
+        from .stream import run as serve
+
+        return {"command": "serve"}, serve(config, listen=args.listen)
     raise AssertionError(f"unhandled command {command}")
 
 
