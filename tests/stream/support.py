@@ -23,8 +23,8 @@ from tests.support import _proc
 
 REPO = Path(__file__).resolve().parents[2]
 FRONT = REPO / "agent" / "stream" / "front"
-# How the server is started in tests; the same entry point as `gighive-media serve`.
-SERVE_ARGV = [sys.executable, "-m", "agent.stream"]
+# How the server is started in tests: the real CLI, `gighive-media serve`.
+SERVE_ARGV = [sys.executable, "-m", "agent", "serve"]
 _SERVING_RE = re.compile(r"serving on (.+?) \(")
 
 
@@ -181,7 +181,7 @@ def parse_multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
 
 
 class ServerProcess:
-    """`python -m agent.stream --listen ...` (the code behind `gighive-media serve`)."""
+    """`gighive-media serve --listen ...` as a child process."""
 
     def __init__(self, config: Path, log_path: Path, listen: Sequence[str], env: dict[str, str] | None = None):
         self.config = config
