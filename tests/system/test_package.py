@@ -75,6 +75,10 @@ def test_package_ships_the_venv_the_command_the_man_page_and_the_units(deb: Buil
     )
     site = [p for p in listing if "/site-packages/" in p]
     assert any(p.endswith("/site-packages/agent/cli.py") for p in site)
+    # The web front snippets: where the docs point operators, and inside the package for the code.
+    for snippet in ("nginx-locations.conf", "nginx-upstream.conf", "nginx-internal.conf", "apache-proxy.conf"):
+        assert f"/usr/share/gighive-media-agent/front/{snippet}" in listing, snippet
+        assert any(p.endswith(f"/site-packages/agent/stream/front/{snippet}") for p in site), snippet
     # Shipped lean: no bytecode (postinst compiles it), no pip/setuptools, no activate scripts.
     assert not [p for p in listing if p.endswith((".pyc", ".pyo")) or "__pycache__" in p]
     assert not [p for p in site if re.search(r"/site-packages/(pip|setuptools)(-[^/]*)?(/|$)", p)]
