@@ -43,7 +43,7 @@ print(json.dumps({"status": int(lines[0].split()[1]), "headers": lines[1:], "bod
 """
 
 
-def request(c: Container, url: str, user: str) -> dict:
+def fetch(c: Container, url: str, user: str) -> dict:
     out = c.run(["runuser", "-u", user, "--", "python3", "/usr/local/lib/gighive-client.py", SOCKET, url]).stdout
     return json.loads(out)
 
@@ -74,8 +74,8 @@ def test_request_on_the_socket_starts_the_server_which_answers_206_and_exits_whe
     assert installed.show(SERVICE, "ActiveState")["ActiveState"] == "inactive", "nothing runs before a request"
 
     # The web front's user may connect; anybody else may not (the server has no auth of its own).
-    assert request(installed, f"/video/{name}", "nobody") == {"error": "Permission denied"}
-    first = request(installed, f"/video/{name}", "www-data")
+    assert fetch(installed, f"/video/{name}", "nobody") == {"error": "Permission denied"}
+    first = fetch(installed, f"/video/{name}", "www-data")
     assert first["status"] == 206, first
     assert bytes.fromhex(first["body"]) == data[:2]
     assert any(h.lower() == f"content-range: bytes 0-1/{len(data)}" for h in first["headers"]), first
@@ -85,7 +85,7 @@ def test_request_on_the_socket_starts_the_server_which_answers_206_and_exits_whe
     assert idle["Result"] == "success" and idle["ExecMainStatus"] == "0", installed.journal(SERVICE)
     assert installed.show("gighive-media-stream.socket", "SubState")["SubState"] == "listening"
 
-    second = request(installed, f"/video/{name}", "www-data")
+    second = fetch(installed, f"/video/{name}", "www-data")
     assert second["status"] == 206, second
     assert installed.show(SERVICE, "ExecMainStartTimestampMonotonic") != started, "started again"
     wait_for(lambda: installed.show(SERVICE, "ActiveState")["ActiveState"] == "inactive", 60, what="idle exit")
