@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,12 +34,16 @@ def run(cli: list[str], config: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("GIGHIVE_DEMO_DIR", "/tmp/gighive-media-demo")))
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="work directory (default: a new one under $TMPDIR; emptied if given)"
+    )
     parser.add_argument("--keep", action="store_true", help="leave Azurite and MariaDB running until Ctrl-C")
     args = parser.parse_args()
 
-    work: Path = args.dir
-    shutil.rmtree(work, ignore_errors=True)
+    # A fresh private directory by default: a fixed /tmp path could be pre-created by someone else.
+    work: Path = args.dir or Path(tempfile.mkdtemp(prefix="gighive-media-demo-"))
+    if args.dir:
+        shutil.rmtree(work, ignore_errors=True)
     roots = {"audio": work / "media" / "audio", "video": work / "media" / "video"}
     for p in roots.values():
         p.mkdir(parents=True)
@@ -88,7 +93,11 @@ def main() -> int:
             for path, provider, size, local in cur.fetchall():
                 print(f"  {provider:10} local_copy={local} {size:>10} {path}")
         conn.close()
-        blobs = list(BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("media").list_blobs())
+        blobs = list(
+            BlobServiceClient.from_connection_string(azurite.connection_string)
+            .get_container_client("media")
+            .list_blobs()
+        )
         print(f"\nblobs in container 'media': {len(blobs)}")
         if args.keep:
             print(f"\nAzurite: {azurite.blob_endpoint}  MariaDB: 127.0.0.1:{db.port}  config: {config}")
