@@ -104,23 +104,41 @@ def test_managed_identity_endpoint_failing_records_a_retryable_failure(
     assert path.exists()
 
 
+def sp_harness(tmp_path, media_roots, azurite_oauth, tls, container, entra, client_id, **settings) -> Harness:
+    """The agent as a service principal of the HTTPS token endpoint `entra`."""
+    return oauth_harness(
+        tmp_path,
+        media_roots,
+        azurite_oauth,
+        tls,
+        container,
+        AZURE_AUTH_MODE="service_principal",
+        AZURE_TENANT_ID=entra.tenant_id,
+        AZURE_CLIENT_ID=client_id,
+        AZURE_AUTHORITY_HOST=entra.url,
+        **settings,
+    )
+
+
+def private_file(path, text: str, mode: int = 0o600):
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
 def test_service_principal_with_secret(tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https):
     client_id = str(uuid.uuid4())
     token_server_https.add_client(client_id, secret="correct horse")
-    secret = tmp_path / "sp-secret"
-    secret.write_text("correct horse\n")
-    secret.chmod(0o600)
-    h = oauth_harness(
+    secret = private_file(tmp_path / "sp-secret", "correct horse\n")
+    h = sp_harness(
         tmp_path,
         media_roots,
         azurite_oauth,
         tls,
         oauth_container,
-        AZURE_AUTH_MODE="service_principal",
-        AZURE_TENANT_ID=token_server_https.tenant_id,
-        AZURE_CLIENT_ID=client_id,
+        token_server_https,
+        client_id,
         AZURE_CLIENT_SECRET_FILE=str(secret),
-        AZURE_AUTHORITY_HOST=token_server_https.url,
     )
     _, sha = make_content_addressed(media_roots["audio"], 3000, "mp3", seed=24)
     assert upload.run(h.config(), watch=False)["uploaded"] == 1
@@ -137,16 +155,14 @@ def test_service_principal_secret_from_systemd_credentials(
     creds.mkdir()
     (creds / "azure-client-secret").write_text("from-credentials-dir")
     (creds / "azure-client-secret").chmod(0o400)
-    h = oauth_harness(
+    h = sp_harness(
         tmp_path,
         media_roots,
         azurite_oauth,
         tls,
         oauth_container,
-        AZURE_AUTH_MODE="service_principal",
-        AZURE_TENANT_ID=token_server_https.tenant_id,
-        AZURE_CLIENT_ID=client_id,
-        AZURE_AUTHORITY_HOST=token_server_https.url,
+        token_server_https,
+        client_id,
         CREDENTIALS_DIRECTORY=str(creds),
     )
     make_content_addressed(media_roots["audio"], 3000, "mp3", seed=25)
@@ -161,17 +177,15 @@ def test_service_principal_with_certificate(
     bundle = tmp_path / "sp.pem"
     bundle.write_bytes(tls.client_bundle.read_bytes())
     bundle.chmod(0o600)
-    h = oauth_harness(
+    h = sp_harness(
         tmp_path,
         media_roots,
         azurite_oauth,
         tls,
         oauth_container,
-        AZURE_AUTH_MODE="service_principal",
-        AZURE_TENANT_ID=token_server_https.tenant_id,
-        AZURE_CLIENT_ID=client_id,
+        token_server_https,
+        client_id,
         AZURE_CLIENT_CERTIFICATE_FILE=str(bundle),
-        AZURE_AUTHORITY_HOST=token_server_https.url,
     )
     make_content_addressed(media_roots["audio"], 3000, "mp3", seed=26)
     assert upload.run(h.config(), watch=False)["uploaded"] == 1
@@ -183,20 +197,16 @@ def test_wrong_service_principal_secret_fails_clearly_and_keeps_the_file(
 ):
     client_id = str(uuid.uuid4())
     token_server_https.add_client(client_id, secret="the real one")
-    secret = tmp_path / "sp-secret"
-    secret.write_text("a wrong one")
-    secret.chmod(0o600)
-    h = oauth_harness(
+    secret = private_file(tmp_path / "sp-secret", "a wrong one")
+    h = sp_harness(
         tmp_path,
         media_roots,
         azurite_oauth,
         tls,
         oauth_container,
-        AZURE_AUTH_MODE="service_principal",
-        AZURE_TENANT_ID=token_server_https.tenant_id,
-        AZURE_CLIENT_ID=client_id,
+        token_server_https,
+        client_id,
         AZURE_CLIENT_SECRET_FILE=str(secret),
-        AZURE_AUTHORITY_HOST=token_server_https.url,
     )
     path, _ = make_content_addressed(media_roots["audio"], 3000, "mp3", seed=27)
     result = upload.run(h.config(), watch=False)
