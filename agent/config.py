@@ -174,7 +174,7 @@ def parse_env_file(text: str, origin: str = "config") -> dict[str, str]:
     return values
 
 
-class _Reader:
+class Reader:
     """Looks variables up and records every problem instead of stopping at the first."""
 
     def __init__(self, values: Mapping[str, str]):
@@ -263,7 +263,7 @@ class _Reader:
             return None
 
 
-def _parse_roots(r: _Reader) -> tuple[MediaRoot, ...]:
+def _parse_roots(r: Reader) -> tuple[MediaRoot, ...]:
     text = r.raw("MEDIA_ROOTS")
     if text is None:
         r.fail("MEDIA_ROOTS", "not set; example: audio=/home/ubuntu/audio,video=/home/ubuntu/video")
@@ -314,7 +314,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _parse_endpoint(r: _Reader, account: str | None, auth_mode: str) -> str | None:
+def _parse_endpoint(r: Reader, account: str | None, auth_mode: str) -> str | None:
     text = r.raw("AZURE_BLOB_ENDPOINT")
     if text is None:
         return f"https://{account}.blob.core.windows.net" if account else None
@@ -344,7 +344,7 @@ def _parse_endpoint(r: _Reader, account: str | None, auth_mode: str) -> str | No
     return text.rstrip("/")
 
 
-def _parse_mysql(r: _Reader) -> MysqlConfig | None:
+def _parse_mysql(r: Reader) -> MysqlConfig | None:
     host = r.raw("MYSQL_HOST")
     if host is None:
         for name in ("MYSQL_DATABASE", "MYSQL_USER", "MYSQL_PASSWORD_FILE"):
@@ -404,7 +404,7 @@ def load(
     # The environment wins: systemd's EnvironmentFile= has already put the same file there,
     # and an operator's one-off `FOO=bar gighive-media ...` should override the file.
     values = {**file_values, **environ}
-    r = _Reader(values)
+    r = Reader(values)
 
     for name, alternative in FORBIDDEN_INLINE.items():
         if r.raw(name):

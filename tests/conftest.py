@@ -18,6 +18,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 
 from tests.support.azurite import Azurite
 from tests.support.mariadb import MariaDB
+from tests.support.media import make_media_roots
 from tests.support.tls import TLSFiles, make_tls
 from tests.support.tokens import TokenServer
 
@@ -186,13 +187,4 @@ def blob_container(azurite: Azurite) -> Iterator[ContainerClient]:
 @pytest.fixture
 def media_roots(tmp_path: Path) -> dict[str, Path]:
     """GigHive's media library layout: {"root", "audio", "video", "thumbnails"} directories."""
-    root = tmp_path / "media"
-    roots = {
-        "root": root,
-        "audio": root / "audio",
-        "video": root / "video",
-        "thumbnails": root / "video" / "thumbnails",
-    }
-    for p in roots.values():
-        p.mkdir(parents=True, exist_ok=True)
-    return roots
+    return make_media_roots(tmp_path / "media")

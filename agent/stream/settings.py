@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..config import Config, _Reader
+from ..config import Config, Reader
 from ..errors import ConfigErrors
 
 _X_ACCEL_RE = re.compile(r"^/[A-Za-z0-9_/-]*[A-Za-z0-9_-]$")
@@ -72,7 +72,7 @@ class StreamSettings:
 
 def load_settings(config: Config) -> StreamSettings:
     """STREAM_* from the configuration; raises ConfigErrors naming every bad variable."""
-    r = _Reader(config.values)
+    r = Reader(config.values)
     num = r.number
     prefix = r.raw("STREAM_X_ACCEL_PREFIX")
     if prefix is not None and not _X_ACCEL_RE.match(prefix):

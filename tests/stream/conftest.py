@@ -14,7 +14,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings
 
 from tests.support.azurite import Azurite
-from tests.support.media import make_thumbnail, pseudo_random_bytes
+from tests.support.media import make_media_roots, make_thumbnail, pseudo_random_bytes
 
 from .support import Nginx, ServerProcess, front_snippet, write_config
 
@@ -85,14 +85,7 @@ class MediaLibrary:
 
 
 def _library(root: Path, azurite: Azurite) -> MediaLibrary:
-    roots = {
-        "root": root,
-        "audio": root / "audio",
-        "video": root / "video",
-        "thumbnails": root / "video" / "thumbnails",
-    }
-    for p in roots.values():
-        p.mkdir(parents=True, exist_ok=True)
+    roots = make_media_roots(root)
     service = BlobServiceClient.from_connection_string(azurite.connection_string)
     container = service.create_container(f"s-{uuid.uuid4().hex[:20]}")
     return MediaLibrary(roots=roots, container=container, connection_string=azurite.connection_string)

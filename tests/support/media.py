@@ -82,3 +82,16 @@ def sha256_file(path: os.PathLike[str] | str) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def make_media_roots(root: Path) -> dict[str, Path]:
+    """GigHive's library layout under root: {"root", "audio", "video", "thumbnails"}, created."""
+    roots = {
+        "root": root,
+        "audio": root / "audio",
+        "video": root / "video",
+        "thumbnails": root / "video" / "thumbnails",
+    }
+    for p in roots.values():
+        p.mkdir(parents=True, exist_ok=True)
+    return roots
