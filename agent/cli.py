@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from . import __version__, logs
-from .config import DEFAULT_CONFIG_PATH, load
-from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SOFTWARE, AgentError, ConfigErrors
+from .config import DEFAULT_CONFIG_PATH, load, parse_size
+from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SOFTWARE, AgentError, ConfigError, ConfigErrors
 
 log = logging.getLogger("gighive-media")
 
@@ -30,6 +30,9 @@ COMMANDS = {
     "status": "show counts per state, items needing attention, and the configuration",
     "requeue": "put dead (or quarantined / failed) items back in the queue",
     "db-migrate": "create or update the DB pointer table in GigHive's MySQL (idempotent)",
+    "migrate": "move the existing local library to Blob (or back with --to-local), verified and resumable",
+    "verify": "check uploaded files against their blobs (size, MD5, sha256; --readback downloads)",
+    "reconcile": "compare local roots, the container and the DB pointers; repair the safe differences",
     "doctor": "preflight: check config, DNS, TLS, token, container, roots, MySQL and units (PASS/WARN/FAIL)",
     "serve": "stream /audio/ and /video/ to the web front from local disk or Blob (started by the socket unit)",
 }
@@ -77,6 +80,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failed", action="store_true", help="also retry failed items now instead of at their backoff time")
     p.add_argument("items", nargs="*", metavar="BLOB_OR_PATH", help="only these (blob names or local paths)")
     sub.add_parser("db-migrate", help=COMMANDS["db-migrate"], description=COMMANDS["db-migrate"], parents=[common])
+    p = sub.add_parser(
+        "migrate",
+        help=COMMANDS["migrate"],
+        description=COMMANDS["migrate"] + ". Exit code: 0 done, 1 some files failed or were quarantined, "
+        "69 Azure or MySQL unavailable, 130 interrupted (run it again to continue).",
+        parents=[common],
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan (counts, bytes, what is in Blob) and change nothing"
+    )
+    p.add_argument(
+        "--to-local",
+        action="store_true",
+        help="the way back: download every evicted file, verify it, and flip the DB pointers to local",
+    )
+    p.add_argument("--root", action="append", default=[], metavar="NAME", help="only this media root (repeatable)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="process at most N files in this run")
+    p.add_argument(
+        "--concurrency", type=_concurrency, metavar="N", help="files in flight (default UPLOAD_FILE_CONCURRENCY)"
+    )
+    p.add_argument(
+        "--bwlimit", type=_rate, metavar="RATE", help="bytes per second, e.g. 20M (default UPLOAD_BANDWIDTH_LIMIT)"
+    )
+    p.add_argument(
+        "--evict-local",
+        action="store_true",
+        help="delete each local copy once its blob is verified and the DB points at it",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    p = sub.add_parser(
+        "verify",
+        help=COMMANDS["verify"],
+        description=COMMANDS["verify"] + ". Exit code: 0 all match, 1 a blob is missing or differs or a local "
+        "file is corrupt, 69 Azure unavailable.",
+        parents=[common],
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every uploaded file")
+    which.add_argument("--sample", type=_positive_int, metavar="N", help="N files picked at random")
+    p.add_argument("--root", action="append", default=[], metavar="NAME", help="only this media root (repeatable)")
+    p.add_argument("--readback", action="store_true", help="also download each blob and hash it")
+    p.add_argument("--seed", type=int, help="random seed for --sample (to repeat a sample)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    p = sub.add_parser(
+        "reconcile",
+        help=COMMANDS["reconcile"],
+        description=COMMANDS["reconcile"] + ". Exit code: 0 the views agree (after safe repairs), 1 unsafe "
+        "differences remain (listed), 69 Azure or MySQL unavailable.",
+        parents=[common],
+    )
+    p.add_argument("--root", action="append", default=[], metavar="NAME", help="only this media root (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="list the differences and repair nothing")
+    p.add_argument(
+        "--prune-orphans", action="store_true", help="delete orphan blobs (no local file, no assets row); needs --yes"
+    )
+    p.add_argument("--yes", action="store_true", help="confirm --prune-orphans")
     sub.add_parser(
         "doctor",
         help=COMMANDS["doctor"],
@@ -93,9 +152,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _concurrency(text: str) -> int:
+    value = _positive_int(text)
+    if value > 64:
+        raise argparse.ArgumentTypeError(f"{value} is above the maximum of 64 files in flight")
+    return value
+
+
+def _rate(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 16 * 1024:
+        raise argparse.ArgumentTypeError("below 16KiB/s uploads cannot finish a block before Azure times out")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "reconcile" and args.prune_orphans and not args.yes:
+        parser.error("reconcile --prune-orphans deletes blobs: add --yes to confirm (try --dry-run first)")
+    if args.command == "migrate" and args.to_local and args.evict_local:
+        parser.error("migrate: --to-local and --evict-local contradict each other")
     as_json = getattr(args, "json", False)
     config_path = getattr(args, "config", None)
     # Until the config is read, log to stderr at info so config errors are visible.
@@ -137,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         from .actions.doctor import render_result
 
         print(render_result(result))
+    elif args.command in ("migrate", "verify", "reconcile"):
+        print(_render(args, result))
     elif args.command in ("requeue", "db-migrate"):
         print(_one_line(args.command, result))
     return code
@@ -144,6 +236,37 @@ def main(argv: list[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
     command = args.command
+    if command in ("migrate", "verify", "reconcile") and not config.is_azure:
+        raise ConfigError(
+            "MEDIA_STORAGE_BACKEND",
+            f"is local; `{command}` needs the azure_blob settings (for the way back, run "
+            "`gighive-media migrate --to-local` before switching the backend to local)",
+        )
+    if command == "migrate":
+        from .actions import migrate
+
+        opts = migrate.Options(
+            dry_run=args.dry_run,
+            to_local=args.to_local,
+            roots=tuple(args.root),
+            limit=args.limit,
+            concurrency=args.concurrency,
+            bwlimit=args.bwlimit,
+            evict_local=args.evict_local,
+            interactive=False if args.no_progress or getattr(args, "json", False) else None,
+        )
+        return migrate.run(config, opts)
+    if command == "verify":
+        from .actions import migrate, verify
+
+        roots = migrate.select_roots(config, tuple(args.root))
+        interactive = False if args.no_progress or getattr(args, "json", False) else None
+        return verify.run(config, roots, args.sample, args.readback, seed=args.seed, interactive=interactive)
+    if command == "reconcile":
+        from .actions import migrate, reconcile
+
+        roots = migrate.select_roots(config, tuple(args.root))
+        return reconcile.run(config, roots, prune_orphans=args.prune_orphans, dry_run=args.dry_run)
     if command in ("upload", "retry") and not config.is_azure:
         log.info("MEDIA_STORAGE_BACKEND=local: media stays on local disk, nothing to upload")
         return {"backend": "local", "note": "nothing to do"}, EXIT_OK
@@ -180,6 +303,20 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
 
         return {"command": "serve"}, serve(config, listen=args.listen)
     raise AssertionError(f"unhandled command {command}")
+
+
+def _render(args: argparse.Namespace, result: dict[str, object]) -> str:
+    if args.command == "migrate":
+        from .actions import migrate, migrate_back
+
+        return migrate_back.render(result) if result.get("to_local") else migrate.render(result)
+    if args.command == "verify":
+        from .actions import verify
+
+        return verify.render(result)
+    from .actions import reconcile
+
+    return reconcile.render(result)
 
 
 def _one_line(command: str, result: dict[str, object]) -> str:

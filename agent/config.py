@@ -174,6 +174,14 @@ def parse_env_file(text: str, origin: str = "config") -> dict[str, str]:
     return values
 
 
+def parse_size(value: str) -> int:
+    """Bytes from '8MiB', '4M', '512k' or '262144' (binary units); ValueError says why not."""
+    m = _SIZE_RE.match(value.replace(" ", ""))
+    if not m:
+        raise ValueError(f"{value!r} is not a size (examples: 8MiB, 4M, 262144)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
 class Reader:
     """Looks variables up and records every problem instead of stopping at the first."""
 
@@ -229,11 +237,11 @@ class Reader:
         value = self.raw(name)
         if value is None:
             return default
-        m = _SIZE_RE.match(value.replace(" ", ""))
-        if not m:
-            self.fail(name, f"{value!r} is not a size (examples: 8MiB, 4M, 262144)")
+        try:
+            parsed = parse_size(value)
+        except ValueError as e:
+            self.fail(name, str(e))
             return default
-        parsed = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
         if not (minimum <= parsed <= maximum):
             self.fail(name, f"{value} is outside the allowed range {minimum}..{maximum} bytes")
             return default

@@ -47,6 +47,12 @@ class StateError(AgentError):
     exit_code = EXIT_CANTCREAT
 
 
+class Unavailable(AgentError):
+    """Azure Blob or MySQL cannot be used, and the command has no way to record it for later."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 class LockBusy(AgentError):
     """Another agent process is working on the queue."""
 
@@ -64,6 +70,10 @@ class ContentMismatch(Exception):
         self.expected = expected
         self.actual = actual
         super().__init__(f"sha256 of the content is {actual}, but the file name says {expected}")
+
+
+class Interrupted(Exception):
+    """The run is stopping (Ctrl-C): the transfer gave up between two blocks; the next run resumes it."""
 
 
 class VerificationFailed(Exception):

@@ -71,6 +71,12 @@ def _role(mf: MediaFile) -> tuple[str, str | None]:
     return "other", None
 
 
+def asset_key(mf: MediaFile) -> tuple[str, str] | None:
+    """(file_type, checksum_sha256) of the GigHive asset a media file or thumbnail belongs to."""
+    role, checksum = _role(mf)
+    return (mf.root.name, checksum) if role in ("media", "thumbnail") and checksum else None
+
+
 class PointerDB:
     def __init__(self, cfg: MysqlConfig):
         self.cfg = cfg
@@ -214,6 +220,41 @@ class PointerDB:
                 int(local_copy),
             ),
         )
+
+    def record_local(self, mf: MediaFile) -> None:
+        """Flip the pointer back to local disk (`migrate --to-local`). The blob columns keep
+        describing the copy that stays in the container, for an operator who looks."""
+        role, checksum = _role(mf)
+        self._execute(
+            f"INSERT INTO `{TABLE}` (media_path, file_type, checksum_sha256, object_role, provider, local_copy) "
+            "VALUES (%s,%s,%s,%s,'local',1) ON DUPLICATE KEY UPDATE provider='local', local_copy=1",
+            (mf.blob_name, mf.root.name, checksum, role),
+        )
+
+    def locations(self) -> dict[str, Location]:
+        """Every pointer row by media path (reconcile compares them with Blob and the disk)."""
+        rows = self._execute(
+            f"SELECT media_path, provider, container, blob_name, etag, size_bytes, content_md5, content_sha256, "
+            f"local_copy FROM `{TABLE}`"
+        )
+        return {r[0]: Location(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8])) for r in rows}
+
+    def delete_location(self, media_path: str) -> None:
+        self._execute(f"DELETE FROM `{TABLE}` WHERE media_path = %s", (media_path,))
+
+    def asset_keys(self) -> set[tuple[str, str]] | None:
+        """(file_type, checksum_sha256) of every row in GigHive's `assets`, or None without that table.
+
+        A blob belongs to an asset when its name carries the asset's type and hash: the media
+        file itself (`video/<sha>.mp4`) and its thumbnail (`video/thumbnails/<sha>.png`).
+        """
+        exists = self._execute(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = 'assets'",
+            (self.cfg.database,),
+        )[0][0]
+        if not exists:
+            return None
+        return {(str(r[0]), str(r[1]).lower()) for r in self._execute("SELECT file_type, checksum_sha256 FROM assets")}
 
     def set_local_copy(self, media_path: str, local_copy: bool) -> None:
         self._execute(f"UPDATE `{TABLE}` SET local_copy = %s WHERE media_path = %s", (int(local_copy), media_path))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from .errors import Interrupted
+
 
 class RateLimiter:
     def __init__(self, bytes_per_second: int, burst: int | None = None):
@@ -15,7 +17,7 @@ class RateLimiter:
         self._last = time.monotonic()
         self._lock = threading.Lock()
 
-    def consume(self, nbytes: int) -> float:
+    def consume(self, nbytes: int, stop: threading.Event | None = None) -> float:
         """Block until `nbytes` may be sent; returns the seconds waited.
 
         A request larger than the bucket borrows against the future (the balance goes negative),
@@ -29,5 +31,9 @@ class RateLimiter:
             self._tokens -= nbytes
             wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
         if wait > 0:
-            time.sleep(wait)
+            if stop is None:
+                time.sleep(wait)
+            elif stop.wait(wait):
+                # A slow link can owe many seconds; Ctrl-C must not wait them out.
+                raise Interrupted("stopping")
         return wait

@@ -12,7 +12,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +95,22 @@ def backoff_delay(attempts: int, policy: RetryPolicy, rng: random.Random | None 
 
 
 class StateStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readonly: bool = False):
         self.path = path
         self._lock = threading.RLock()
+        if readonly:
+            # Query-only (`status`, `migrate --dry-run`): no schema writes, and SQLite refuses any
+            # write, so a command that promises to change nothing cannot.
+            try:
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False, isolation_level=None
+                )
+                self._db.row_factory = sqlite3.Row
+                self._db.execute("PRAGMA busy_timeout=30000")
+                self._db.execute("SELECT 1 FROM files LIMIT 1")
+            except sqlite3.Error as e:
+                raise StateError(f"cannot read state database {path}: {e}") from e
+            return
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
@@ -122,12 +135,18 @@ class StateStore:
         return cls(state_dir / "state.sqlite3")
 
     @classmethod
+    def open_existing(cls, state_dir: Path) -> StateStore | None:
+        """Read-write, but None instead of creating a database no run has made yet."""
+        path = state_dir / "state.sqlite3"
+        return cls(path) if path.exists() else None
+
+    @classmethod
     def open_readonly(cls, state_dir: Path) -> StateStore | None:
-        """For `status`: None when no run has created the database yet."""
+        """For commands that only look (`status`, dry runs): None when no run has created it yet."""
         path = state_dir / "state.sqlite3"
         if not path.exists():
             return None
-        return cls(path)
+        return cls(path, readonly=True)
 
     def close(self) -> None:
         with self._lock:
@@ -172,9 +191,19 @@ class StateStore:
             for r in self._query("SELECT blob_name, size, mtime_ns, inode FROM files")
         }
 
-    def counts(self) -> dict[str, int]:
+    def brief(self, roots: Collection[str] | None = None) -> dict[str, tuple]:
+        """blob_name -> (state, size, mtime_ns, inode, sha256, etag): what a dry run or a
+        reconciliation needs from every row, small enough to hold for 100,000 files."""
+        rows = self._query("SELECT blob_name, root, state, size, mtime_ns, inode, sha256, etag FROM files")
+        return {r[0]: (r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows if roots is None or r[1] in roots}
+
+    def counts(self, roots: Collection[str] | None = None) -> dict[str, int]:
+        sql, args = "SELECT state, COUNT(*) AS n FROM files", ()
+        if roots is not None:
+            args = tuple(roots)
+            sql += f" WHERE root IN ({','.join('?' * len(args))})"
         counts = dict.fromkeys(STATES, 0)
-        for row in self._query("SELECT state, COUNT(*) AS n FROM files GROUP BY state"):
+        for row in self._query(sql + " GROUP BY state", args):
             counts[row["state"]] = row["n"]
         return counts
 
@@ -187,6 +216,19 @@ class StateStore:
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [FileRecord(**r) for r in self._query(sql, states)]
+
+    def records(self, states: Iterable[str] | None = None, root: str | None = None) -> list[FileRecord]:
+        """Every row (optionally in these states, under this root), in blob-name order."""
+        sql = "SELECT * FROM files WHERE 1=1"
+        args: list[object] = []
+        if states is not None:
+            states = tuple(states)
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args += states
+        if root is not None:
+            sql += " AND root = ?"
+            args.append(root)
+        return [FileRecord(**r) for r in self._query(sql + " ORDER BY blob_name", args)]
 
     def due(self, now: float, max_delay: float, include_failed: bool = True) -> list[FileRecord]:
         """Work whose time has come.
@@ -236,29 +278,53 @@ class StateStore:
         A known file whose size, mtime or inode changed is reconsidered from scratch: its old
         verdict (uploaded, quarantined, dead) was about other bytes.
         """
-        now = time.time()
         with self._tx() as db:
-            row = db.execute(
-                "SELECT state, size, mtime_ns, inode FROM files WHERE blob_name = ?", (blob_name,)
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO files (blob_name, root, path, size, mtime_ns, inode, state, next_attempt_at, "
-                    "created_at, updated_at) VALUES (?,?,?,?,?,?, 'pending', ?, ?, ?)",
-                    (blob_name, root, path, st.st_size, st.st_mtime_ns, st.st_ino, not_before, now, now),
-                )
-                return "new"
-            if (row["size"], row["mtime_ns"], row["inode"]) == (st.st_size, st.st_mtime_ns, st.st_ino):
-                return "known"
-            if row["state"] == "uploading":
-                return "known"
+            return self._observe(db, time.time(), blob_name, root, path, st, not_before)
+
+    def observe_many(self, items: Iterable[tuple[str, str, str, os.stat_result, float]], batch: int = 2000) -> dict:
+        """observe() for many files, a few thousand per transaction: a 100,000-file migration
+        would otherwise spend most of its enqueueing time committing one row at a time."""
+        verdicts = {"new": 0, "changed": 0, "known": 0}
+        chunk: list[tuple[str, str, str, os.stat_result, float]] = []
+
+        def flush() -> None:
+            with self._tx() as db:
+                now = time.time()
+                for item in chunk:
+                    verdicts[self._observe(db, now, *item)] += 1
+            chunk.clear()
+
+        for item in items:
+            chunk.append(item)
+            if len(chunk) >= batch:
+                flush()
+        if chunk:
+            flush()
+        return verdicts
+
+    @staticmethod
+    def _observe(
+        db: sqlite3.Connection, now: float, blob_name: str, root: str, path: str, st: os.stat_result, not_before: float
+    ) -> str:
+        row = db.execute("SELECT state, size, mtime_ns, inode FROM files WHERE blob_name = ?", (blob_name,)).fetchone()
+        if row is None:
             db.execute(
-                "UPDATE files SET path = ?, size = ?, mtime_ns = ?, inode = ?, sha256 = NULL, md5 = NULL, "
-                "state = 'pending', attempts = 0, next_attempt_at = ?, last_error = NULL, local_copy = 1, "
-                "updated_at = ? WHERE blob_name = ?",
-                (path, st.st_size, st.st_mtime_ns, st.st_ino, not_before, now, blob_name),
+                "INSERT INTO files (blob_name, root, path, size, mtime_ns, inode, state, next_attempt_at, "
+                "created_at, updated_at) VALUES (?,?,?,?,?,?, 'pending', ?, ?, ?)",
+                (blob_name, root, path, st.st_size, st.st_mtime_ns, st.st_ino, not_before, now, now),
             )
-            return "changed"
+            return "new"
+        if (row["size"], row["mtime_ns"], row["inode"]) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            return "known"
+        if row["state"] == "uploading":
+            return "known"
+        db.execute(
+            "UPDATE files SET path = ?, size = ?, mtime_ns = ?, inode = ?, sha256 = NULL, md5 = NULL, "
+            "state = 'pending', attempts = 0, next_attempt_at = ?, last_error = NULL, local_copy = 1, "
+            "updated_at = ? WHERE blob_name = ?",
+            (path, st.st_size, st.st_mtime_ns, st.st_ino, not_before, now, blob_name),
+        )
+        return "changed"
 
     def defer(self, blob_name: str, until: float, reason: str) -> None:
         """Not a failure: the file is still being written, try again shortly."""
@@ -339,6 +405,24 @@ class StateStore:
         """The file vanished before it was uploaded: nothing to keep track of."""
         with self._tx() as db:
             db.execute("DELETE FROM files WHERE blob_name = ? AND state IN ('pending','failed')", (blob_name,))
+
+    def retry_now(self, roots: Collection[str]) -> int:
+        """Failed items under these roots become due at once (an operator-run migration does not
+        wait out the backoff the timer would)."""
+        roots = tuple(roots)
+        with self._tx() as db:
+            return db.execute(
+                f"UPDATE files SET next_attempt_at = 0, updated_at = ? WHERE state IN ('failed','pending') "
+                f"AND root IN ({','.join('?' * len(roots))})",
+                (time.time(), *roots),
+            ).rowcount
+
+    def forget_restored(self, blob_name: str) -> None:
+        """`migrate --to-local` put the file back and the DB points at it: the agent no longer
+        tracks it. Were the azure backend used again, the next scan finds it as a new file,
+        sees its blob already there, and only verifies it."""
+        with self._tx() as db:
+            db.execute("DELETE FROM files WHERE blob_name = ?", (blob_name,))
 
     def requeue(self, states: Iterable[str], blob_names: Iterable[str] = ()) -> int:
         states = tuple(states)

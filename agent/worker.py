@@ -15,20 +15,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
-from .errors import ContentMismatch, FileRejected, StateError, VerificationFailed
+from .errors import ContentMismatch, FileRejected, Interrupted, StateError, VerificationFailed
 from .media import MediaFile, media_file_for_blob, media_file_for_path, name_problem
 from .notify import Notifier
 from .pointer import PointerDB, PointerUnavailable
 from .ratelimit import RateLimiter
 from .scan import ScanReport, classify, walk, walk_root
 from .state import POINTER_DONE, POINTER_NONE, POINTER_PENDING, FileRecord, StateStore
-from .storage import StoreUnavailable
+from .storage import Listed, StoreUnavailable
 from .storage.azure_blob import AzureBlobStore
 from .transfer import Transfer, TransferResult
 
@@ -79,8 +79,14 @@ class Worker:
         self.pointer_db = pointer_db
         self.notifier = notifier or Notifier()
         limiter = RateLimiter(config.bandwidth_limit) if config.bandwidth_limit else None
+        self.stop = threading.Event()
         self.transfer = Transfer(
-            store, config.block_size, config.block_concurrency, limiter=limiter, readback=config.verify_readback
+            store,
+            config.block_size,
+            config.block_concurrency,
+            limiter=limiter,
+            readback=config.verify_readback,
+            stop=self.stop,
         )
         # PyMySQL connections are not thread-safe; pointer writes are short, so one lock will do.
         self._db_lock = threading.Lock()
@@ -90,6 +96,9 @@ class Worker:
         # then leaves its files as they are, for the retry timer, instead of each one waiting
         # through its own timeouts and retries against a dead endpoint.
         self.outage: str | None = None
+        # What a container listing said is stored under each name (migrate sets it): lets the
+        # transfer skip files already in Blob without asking the service about each one.
+        self.listing: dict[str, Listed] | None = None
 
     # ---- finding work ----------------------------------------------------------------------
 
@@ -143,29 +152,63 @@ class Worker:
 
     # ---- doing work ------------------------------------------------------------------------
 
-    def run_due(self, include_failed: bool = True, limit: int | None = None) -> RunReport:
-        """Process every due item, file_concurrency at a time."""
+    def run_due(
+        self,
+        include_failed: bool = True,
+        limit: int | None = None,
+        roots: Collection[str] | None = None,
+        on_result: Callable[[FileRecord, RunReport], None] | None = None,
+    ) -> RunReport:
+        """Process every due item (optionally only under `roots`, at most `limit`), file_concurrency at a time."""
         due = self.state.due(time.time(), self.config.retry.max_delay, include_failed=include_failed)
+        if roots is not None:
+            due = [r for r in due if r.root in roots]
         if limit is not None:
             due = due[:limit]
         report = RunReport()
         if not due:
             return report
-        with ThreadPoolExecutor(self.config.file_concurrency, thread_name_prefix="file") as pool:
-            for result in pool.map(self.process, due):
-                report.add(result)
-                with self._progress_lock:
-                    self.totals.add(result)
-                    t = self.totals
+
+        def finished(rec: FileRecord, result: RunReport) -> None:
+            report.add(result)
+            with self._progress_lock:
+                self.totals.add(result)
+                t = self.totals
+                if on_result is None:
                     self.notifier.status(
                         f"uploaded {t.uploaded + t.already_present}, failed {t.failed + t.dead}, "
                         f"quarantined {t.quarantined}, {t.bytes_uploaded} bytes sent"
                     )
+            if on_result is not None:
+                on_result(rec, result)
+
+        # Files are handed to the pool a few at a time rather than all at once: a 100,000-file
+        # migration would otherwise hold 100,000 futures, and Ctrl-C could only stop it after the
+        # pool had worked through every one of them.
+        window = self.config.file_concurrency * 2
+        pool = ThreadPoolExecutor(self.config.file_concurrency, thread_name_prefix="file")
+        inflight: dict[Future[RunReport], FileRecord] = {}
+        try:
+            for rec in due:
+                if len(inflight) >= window:
+                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        finished(inflight.pop(fut), fut.result())
+                inflight[pool.submit(self.process, rec)] = rec
+            for fut in as_completed(list(inflight)):
+                finished(inflight.pop(fut), fut.result())
+        except BaseException:
+            # Ctrl-C or a state-database failure: start no more files, and stop the ones in
+            # flight between two blocks; each records that it was interrupted.
+            self.stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         return report
 
     def process(self, rec: FileRecord) -> RunReport:
         report = RunReport()
-        if self.outage is not None:
+        if self.outage is not None or self.stop.is_set():
             report.held_back += 1
             return report
         mf = media_file_for_blob(self.config, rec.blob_name)
@@ -191,7 +234,8 @@ class Worker:
 
         self.state.mark_uploading(rec.blob_name)
         try:
-            result = self.transfer.upload(mf)
+            listed = self.listing.get(rec.blob_name) if self.listing is not None else None
+            result = self.transfer.upload(mf, listed)
         except ContentMismatch as e:
             self.state.mark_quarantined(rec.blob_name, f"local corruption: {e}", sha256=e.actual)
             report.quarantined += 1
@@ -202,6 +246,10 @@ class Worker:
                 e,
                 extra={"fields": {**fields, "sha256": e.actual}},
             )
+            return report
+        except Interrupted:
+            self.state.defer(rec.blob_name, 0, "interrupted by a stopping run; resumes on the next one")
+            report.held_back += 1
             return report
         except FileRejected as e:
             self.state.defer(rec.blob_name, time.time() + max(1.0, self.config.settle_seconds), str(e))

@@ -11,7 +11,7 @@ from ..state import StateStore
 
 
 def run(config: Config, states: list[str], items: list[str]) -> dict[str, object]:
-    state = StateStore.open_readonly(config.state_dir)
+    state = StateStore.open_existing(config.state_dir)
     if state is None:
         return {"requeued": 0}
     names = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,15 @@ class ObjectInfo:
     sha256: str | None = None
     content_type: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Listed(NamedTuple):
+    """One entry of a container listing, kept small: a migration holds 100,000 of them."""
+
+    size: int
+    etag: str
+    content_md5: bytes | None
+    sha256: str | None
 
 
 class ObjectNotFound(Exception):

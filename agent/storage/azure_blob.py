@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import re
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import requests
 from azure.core.exceptions import (
@@ -23,10 +25,11 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.transport import RequestsTransport
+from azure.core.rest import HttpRequest
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry
 
 from ..config import Config
-from . import ObjectChanged, ObjectInfo, ObjectNotFound, StoreUnavailable
+from . import Listed, ObjectChanged, ObjectInfo, ObjectNotFound, StoreUnavailable
 from .azure_auth import build_credential
 
 T = TypeVar("T")
@@ -190,6 +193,53 @@ class AzureBlobStore:
         except (HttpResponseError, ServiceRequestError, ServiceResponseError) as e:
             raise StoreUnavailable(_describe(e)) from e
 
+    def list_entries(self, prefix: str = "", page_size: int = 5000) -> Iterator[tuple[str, Listed]]:
+        """(name, Listed) for every blob under prefix, in name order.
+
+        The SDK's list_blobs spends about 0.4 ms of CPU per blob turning the XML into model
+        objects (40 s for a 100,000-file library); this sends the same List Blobs request through
+        the client's own pipeline (auth, retries, timeouts) and reads only the five fields the
+        agent needs straight from the XML.
+        """
+        pipeline = self.container._client._client  # azure.core PipelineClient of this container
+        marker = ""
+        while True:
+            query = {"restype": "container", "comp": "list", "include": "metadata", "maxresults": str(page_size)}
+            if prefix:
+                query["prefix"] = prefix
+            if marker:
+                query["marker"] = marker
+            request = HttpRequest("GET", f"{self.container.url}?{urlencode(query)}")
+            response = self._call(lambda request=request: pipeline.send_request(request))
+            body = response.read()
+            if response.status_code != 200:
+                raise _listing_error(response.status_code, body)
+            try:
+                # The SDK parses every answer with this same parser; expat >= 2.4 caps entity
+                # expansion, and the body comes from the storage endpoint over TLS.
+                root = ET.fromstring(body)  # noqa: S314
+            except ET.ParseError as e:
+                raise StoreUnavailable(f"List Blobs answered malformed XML: {e}", outage=False) from e
+            for blob in root.iter("Blob"):
+                props = blob.find("Properties")
+                if props is None:
+                    continue
+                md5 = props.findtext("Content-MD5")
+                etag = props.findtext("Etag") or ""
+                yield (
+                    blob.findtext("Name") or "",
+                    Listed(
+                        size=int(props.findtext("Content-Length") or 0),
+                        # HEAD answers the ETag quoted, a listing does not: keep one form.
+                        etag=etag if etag.startswith('"') else f'"{etag}"',
+                        content_md5=base64.b64decode(md5) if md5 else None,
+                        sha256=blob.findtext(f"Metadata/{SHA256_METADATA_KEY}"),
+                    ),
+                )
+            marker = root.findtext("NextMarker") or ""
+            if not marker:
+                return
+
     # ---- writing -------------------------------------------------------------------------
 
     def staged_blocks(self, name: str) -> dict[str, int]:
@@ -264,6 +314,18 @@ class AzureBlobStore:
             self._call(lambda: self.blob(name).delete_blob(**kwargs))
         except ResourceNotFoundError:
             return
+
+
+def _listing_error(status: int, body: bytes) -> StoreUnavailable:
+    try:
+        root = ET.fromstring(body)  # noqa: S314 - see list_entries
+        code, message = root.findtext("Code") or "", (root.findtext("Message") or "").splitlines()[0:1]
+    except ET.ParseError:
+        code, message = "", []
+    text = f"HTTP {status} {code}: {message[0] if message else 'List Blobs failed'}".strip()
+    hint = _HINTS.get(code)
+    outage = status >= 500 or status in (401, 403, 408, 429) or code == "ContainerNotFound"
+    return StoreUnavailable(f"{text} ({hint})" if hint else text, outage=outage)
 
 
 def _object_info(name: str, props: Any) -> ObjectInfo:

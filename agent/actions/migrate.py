@@ -1,0 +1,322 @@
+"""`gighive-media migrate`: move an existing local library to Blob (or, with --to-local, back).
+
+The forward move is the upload path's own work (scan, verified transfer, pointer flip, optional
+eviction) applied to the whole library at once, with one listing of the container up front so
+files already in Blob are hashed locally and compared instead of sent again. Everything is
+recorded in the state database as it happens, so an interrupted run (Ctrl-C, kill, reboot)
+simply continues when started again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..config import Config, MediaRoot
+from ..context import queue_worker
+from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AgentError, Unavailable
+from ..inventory import list_for
+from ..media import MediaFile
+from ..progress import Progress, human_bytes, human_duration
+from ..scan import ScanReport, walk_root
+from ..state import StateStore
+from ..storage import StoreUnavailable
+from ..storage.azure_blob import AzureBlobStore
+from ..worker import RunReport
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(AgentError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Options:
+    dry_run: bool = False
+    to_local: bool = False
+    roots: tuple[str, ...] = ()
+    limit: int | None = None
+    concurrency: int | None = None
+    bwlimit: int | None = None
+    evict_local: bool = False
+    interactive: bool | None = None  # None: a progress bar when stderr is a terminal
+
+
+def select_roots(config: Config, names: tuple[str, ...]) -> tuple[MediaRoot, ...]:
+    if not names:
+        return config.roots
+    unknown = [n for n in names if config.root_named(n) is None]
+    if unknown:
+        raise UsageError(
+            f"--root {', '.join(unknown)}: not a configured media root "
+            f"(configured: {', '.join(r.name for r in config.roots)})"
+        )
+    return tuple(r for r in config.roots if r.name in names)
+
+
+def effective_config(config: Config, opts: Options) -> Config:
+    changes: dict[str, object] = {}
+    if opts.concurrency is not None:
+        changes["file_concurrency"] = opts.concurrency
+    if opts.bwlimit is not None:
+        changes["bandwidth_limit"] = opts.bwlimit
+    if opts.evict_local:
+        changes["delete_local"] = True
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def run(config: Config, opts: Options) -> tuple[dict[str, object], int]:
+    config = effective_config(config, opts)
+    roots = select_roots(config, opts.roots)
+    if opts.to_local:
+        from . import migrate_back
+
+        return migrate_back.run(config, roots, opts)
+    if opts.dry_run:
+        return plan(config, roots, opts), EXIT_OK
+    return migrate(config, roots, opts)
+
+
+def _walk(roots: tuple[MediaRoot, ...], report: ScanReport) -> Iterator[tuple[MediaFile, object]]:
+    for root in roots:
+        yield from walk_root(root, report)
+
+
+# ---- dry run --------------------------------------------------------------------------------
+
+
+def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[str, object]:
+    """What a migration would do, from the disk, the agent's state and one listing; changes nothing."""
+    started = time.monotonic()
+    scan = ScanReport()
+    local = [(mf.blob_name, mf, st.st_size, st.st_mtime_ns, st.st_ino) for mf, st in _walk(roots, scan)]
+    scanned = time.monotonic()
+    state = StateStore.open_readonly(config.state_dir)
+    try:
+        known = state.brief([r.name for r in roots]) if state is not None else {}
+    finally:
+        if state is not None:
+            state.close()
+    store = AzureBlobStore(config)
+    try:
+        listing = list_for(store, (name for name, *_ in local))
+    except StoreUnavailable as e:
+        raise Unavailable(f"cannot list the container, so the plan cannot say what is already in Blob: {e}") from e
+    listed = time.monotonic()
+
+    per_root: dict[str, dict[str, int]] = {r.name: _empty_plan() for r in roots}
+    for name, mf, size, mtime_ns, inode in local:
+        p = per_root[mf.root.name]
+        p["files"] += 1
+        p["bytes"] += size
+        rec = known.get(name)
+        blob = listing.get(name)
+        same_file = rec is not None and (rec[1], rec[2], rec[3]) == (size, mtime_ns, inode)
+        if same_file and rec[0] == "quarantined":
+            bucket = "quarantined"
+        elif same_file and rec[0] == "dead":
+            bucket = "dead"
+        elif same_file and rec[0] in ("uploaded", "evicted") and blob is not None and blob.etag == rec[5]:
+            bucket = "in_blob_verified"
+        elif (
+            blob is not None
+            and blob.size == size
+            and blob.sha256
+            and blob.sha256 == (mf.expected_sha256 or blob.sha256)
+        ):
+            bucket = "in_blob_to_check"
+        elif blob is not None:
+            bucket = "in_blob_differs"
+        else:
+            bucket = "to_upload"
+        p[bucket] += 1
+        p[f"{bucket}_bytes"] += size
+    for name, rec in known.items():
+        if rec[0] == "evicted":
+            root = name.split("/", 1)[0]
+            if root in per_root:
+                per_root[root]["evicted"] += 1
+                per_root[root]["evicted_bytes"] += rec[1] or 0
+
+    total = _empty_plan()
+    for p in per_root.values():
+        for k, v in p.items():
+            total[k] += v
+    send = total["to_upload_bytes"] + total["in_blob_differs_bytes"]
+    rate = config.bandwidth_limit or None
+    return {
+        "dry_run": True,
+        "roots": per_root,
+        "total": total,
+        "bytes_to_send": send,
+        "bandwidth_limit_bytes_per_s": rate,
+        "estimated_seconds": round(send / rate, 1) if rate else None,
+        "estimate_note": None
+        if rate
+        else "no bandwidth limit configured (UPLOAD_BANDWIDTH_LIMIT or --bwlimit); time depends on the link",
+        "limit": opts.limit,
+        "file_concurrency": config.file_concurrency,
+        "blobs_listed": len(listing),
+        "skipped": scan.as_dict()["skipped"],
+        "root_errors": scan.root_errors,
+        "scan_seconds": round(scanned - started, 3),
+        "listing_seconds": round(listed - scanned, 3),
+    }
+
+
+def _empty_plan() -> dict[str, int]:
+    keys = ("files", "to_upload", "in_blob_verified", "in_blob_to_check", "in_blob_differs", "quarantined", "dead")
+    out: dict[str, int] = {}
+    for k in keys:
+        out[k] = 0
+        out[f"{k}_bytes" if k != "files" else "bytes"] = 0
+    out["evicted"] = 0
+    out["evicted_bytes"] = 0
+    return out
+
+
+def render_plan(result: dict[str, object]) -> str:
+    lines = ["migration plan (dry run: nothing was changed)"]
+    roots = result["roots"]
+    assert isinstance(roots, dict)
+    for name, p in [*roots.items(), ("total", result["total"])]:
+        assert isinstance(p, dict)
+        lines.append(
+            f"  {name:<8} {p['files']:>8} files {human_bytes(p['bytes']):>10} | to upload {p['to_upload']} "
+            f"({human_bytes(p['to_upload_bytes'])}) | in Blob: verified {p['in_blob_verified']}, "
+            f"to check {p['in_blob_to_check']}, differs {p['in_blob_differs']} | quarantined {p['quarantined']}, "
+            f"dead {p['dead']}, evicted {p['evicted']}"
+        )
+    est = result.get("estimated_seconds")
+    lines.append(
+        f"  to send: {human_bytes(int(result['bytes_to_send']))}; estimated time: "  # type: ignore[arg-type]
+        + (f"{human_duration(float(est))} at the bandwidth limit" if est is not None else str(result["estimate_note"]))
+    )
+    for where, problem in dict(result.get("root_errors") or {}).items():  # type: ignore[call-overload]
+        lines.append(f"  root {where}: {problem}")
+    return "\n".join(lines)
+
+
+# ---- the move -------------------------------------------------------------------------------
+
+
+def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tuple[dict[str, object], int]:
+    started = time.monotonic()
+    names = [r.name for r in roots]
+    with queue_worker(config, wait_for_lock=True) as worker:
+        worker.notifier.ready("migrate: scanning media roots")
+        scan = ScanReport()
+        walked = [
+            (mf.blob_name, mf.root.name, str(mf.path), st, st.st_mtime + config.settle_seconds)
+            for mf, st in _walk(roots, scan)
+        ]
+        for where, problem in scan.root_errors.items():
+            log.error("media root %s: %s", where, problem, extra={"fields": {"root": where}})
+        try:
+            worker.listing = list_for(worker.store, (w[0] for w in walked))
+        except StoreUnavailable as e:
+            log.error("cannot list the container; nothing was uploaded: %s", e)
+            return {"error": "unavailable", "message": str(e), "uploaded": 0}, EXIT_UNAVAILABLE
+        verdicts = worker.state.observe_many(walked)
+        del walked
+        worker.state.retry_now(names)
+        counts = worker.state.counts(names)
+        done_before = counts["uploaded"] + counts["evicted"]
+        due = [r for r in worker.state.due(time.time(), config.retry.max_delay) if r.root in names]
+        if opts.limit is not None:
+            due = due[: opts.limit]
+        progress = Progress(
+            "migrate",
+            len(due),
+            sum(r.size or 0 for r in due),
+            worker.notifier,
+            interactive=opts.interactive,
+        )
+        log.info(
+            "migrating %d file(s) (%s) under %s; %d already in Blob from earlier runs",
+            len(due),
+            human_bytes(progress.total_bytes),
+            ", ".join(names),
+            done_before,
+        )
+        del due
+        report = RunReport()
+        try:
+            report.add(worker.housekeeping())
+            report.add(
+                worker.run_due(
+                    include_failed=True,
+                    limit=opts.limit,
+                    roots=names,
+                    on_result=lambda rec, r: progress.advance(
+                        1, rec.size or 0, problems=r.failed + r.dead + r.quarantined
+                    ),
+                )
+            )
+            report.add(worker.housekeeping())
+        finally:
+            progress.close()
+        worker.listing = None
+        after = worker.state.counts(names)
+        worker.notifier.stopping()
+    return _summary(report, scan, verdicts, done_before, after, started, worker.outage, opts)
+
+
+def _summary(report, scan, verdicts, done_before, after, started, outage, opts) -> tuple[dict[str, object], int]:
+    remaining = after["pending"] + after["failed"]
+    result: dict[str, object] = {
+        "uploaded": report.uploaded,
+        "skipped": report.already_present + done_before,
+        "already_in_blob": report.already_present,
+        "unchanged_since_earlier_run": done_before,
+        "failed": report.failed + report.dead,
+        "dead": after["dead"],
+        "quarantined": after["quarantined"],
+        "evicted": report.evicted,
+        "pointers_flipped": report.pointers_flipped,
+        "pointer_failures": report.pointer_failures,
+        "bytes": report.bytes_uploaded,
+        "duration_s": round(time.monotonic() - started, 3),
+        "remaining": remaining,
+        "complete": remaining == 0 and after["dead"] == 0 and after["quarantined"] == 0,
+        "scan": {"files": scan.files, **verdicts, "skipped": len(scan.skipped), "root_errors": scan.root_errors},
+        "blocks_reused": report.blocks_reused,
+        "outage": outage,
+        "errors": report.errors[:50],
+        "limit": opts.limit,
+        "state_counts": after,
+    }
+    log.info(
+        "migrate finished: %d uploaded, %d skipped (already in Blob), %d failed, %d quarantined, %s sent in %s; "
+        "%d remaining",
+        report.uploaded,
+        result["skipped"],
+        result["failed"],
+        result["quarantined"],
+        human_bytes(report.bytes_uploaded),
+        human_duration(float(result["duration_s"])),  # type: ignore[arg-type]
+        remaining,
+        extra={"fields": {"uploaded": report.uploaded, "bytes": report.bytes_uploaded, "remaining": remaining}},
+    )
+    if outage:
+        return result, EXIT_UNAVAILABLE
+    if result["failed"] or result["dead"] or result["quarantined"] or scan.root_errors:
+        return result, EXIT_FAILURE
+    return result, EXIT_OK
+
+
+def render(result: dict[str, object]) -> str:
+    if result.get("dry_run"):
+        return render_plan(result)
+    if "error" in result:
+        return f"migrate: {result.get('message')}"
+    return (
+        f"uploaded {result['uploaded']}, skipped {result['skipped']} (already in Blob), failed {result['failed']}, "
+        f"quarantined {result['quarantined']}, evicted {result['evicted']}, {human_bytes(int(result['bytes']))} "  # type: ignore[call-overload]
+        f"sent in {human_duration(float(result['duration_s']))}; {result['remaining']} remaining"  # type: ignore[arg-type]
+        + ("" if result.get("complete") else " (run it again, or see `gighive-media status`)")
+    )
