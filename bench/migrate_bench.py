@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Migration benchmark: `gighive-media migrate` over a 100,000-file library, beside `rclone copy`.
+
+The library is GigHive-shaped: 100,000 small content-addressed files of 4-64 KiB (90% video,
+10% audio, a thumbnail per 50 videos) plus a few large videos. Against one Azurite (in-memory,
+so its own disk persistence does not dominate) and one MariaDB (the DB pointer is part of the
+agent's job), in this order:
+
+  dry-run (fresh)   `migrate --dry-run` before anything is in Blob: time and peak RSS
+  migrate           `migrate --concurrency C` into container `agent`      (files/s, MB/s)
+  rclone copy       `rclone copy --transfers C` of the same tree into `rclone`
+  dry-run (full)    `migrate --dry-run` with all 100,000 blobs listed, beside `rclone lsf -R`
+  rerun             `migrate` again: nothing to send
+  verify --all      properties of every blob, and every local byte hashed
+
+Every migration is checked afterwards (blob names and sizes must equal the library). Per step:
+wall time, CPU and peak RSS of the tool process (os.wait4 through the launcher of
+bench/upload_vs_rclone.py), Azurite's CPU, and the CPU the rest of the machine used meanwhile.
+
+    .venv/bin/python bench/migrate_bench.py                     # 100,000 files, concurrency 8
+    .venv/bin/python bench/migrate_bench.py --files 5000 --out bench/results/migrate-quick
+
+Results: bench/results/migrate.{json,md}; docs/benchmarks.md quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from azure.storage.blob import BlobServiceClient  # noqa: E402
+from upload_vs_rclone import (  # noqa: E402
+    ACCOUNT_KEY,
+    ACCOUNT_NAME,
+    AccountSasPermissions,
+    ResourceTypes,
+    generate_account_sas,
+    machine_busy_s,
+    measure,
+    process_cpu_s,
+)
+
+from tests.support.azurite import Azurite  # noqa: E402
+from tests.support.mariadb import MariaDB  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def make_library(root: Path, files: int, large: int, seed: int) -> dict[str, int]:
+    """blob name -> size. Reused when a library of the same shape is already there."""
+    marker = root / f".library-{files}-{large}-{seed}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "video" / "thumbnails").mkdir(parents=True)
+    (root / "audio").mkdir(parents=True)
+    rng = random.Random(seed)
+    sizes: dict[str, int] = {}
+
+    def write(directory: Path, ext: str, data: bytes, name: str | None = None) -> str:
+        name = name or f"{hashlib.sha256(data).hexdigest()}.{ext}"
+        (directory / name).write_bytes(data)
+        return name
+
+    for i in range(files):
+        data = rng.randbytes(rng.randint(4 * 1024, 64 * 1024))
+        if i % 10 == 0:
+            sizes[f"audio/{write(root / 'audio', 'mp3', data)}"] = len(data)
+        else:
+            name = write(root / "video", "mp4", data)
+            sizes[f"video/{name}"] = len(data)
+            if i % 50 == 1:
+                thumb = rng.randbytes(2048)
+                tname = write(root / "video" / "thumbnails", "png", thumb, name.replace(".mp4", ".png"))
+                sizes[f"video/thumbnails/{tname}"] = len(thumb)
+    for _ in range(large):
+        h = hashlib.sha256()
+        tmp = root / "video" / ".big.tmp"
+        with open(tmp, "wb") as f:
+            for _ in range(64):
+                chunk = rng.randbytes(MiB)
+                h.update(chunk)
+                f.write(chunk)
+        name = f"{h.hexdigest()}.mp4"
+        tmp.rename(root / "video" / name)
+        sizes[f"video/{name}"] = 64 * MiB
+    old = time.time() - 86400
+    for name in sizes:
+        os.utime(root / name, (old, old))
+    marker.write_text(json.dumps(sizes))
+    return sizes
+
+
+def step(name: str, argv: list[str], env: dict[str, str], work: Path, azurite: Azurite) -> dict[str, object]:
+    az0, busy0 = process_cpu_s(azurite.pid), machine_busy_s()
+    u = measure(argv, env, work / f"{name}.log")
+    az1, busy1 = process_cpu_s(azurite.pid), machine_busy_s()
+    out = {
+        "step": name,
+        "exit": u.exit,
+        "wall_s": round(u.wall, 2),
+        "cpu_s": round(u.utime + u.stime, 2),
+        "max_rss_mib": round(u.maxrss_kib / 1024, 1),
+        "azurite_cpu_s": round(az1 - az0, 2),
+        "other_cpu_s": round(max(0.0, (busy1 - busy0) - (az1 - az0) - (u.utime + u.stime)), 2),
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def check(service: BlobServiceClient, container: str, expected: dict[str, int]) -> None:
+    got = {b.name: b.size for b in service.get_container_client(container).list_blobs()}
+    if got != expected:
+        raise SystemExit(
+            f"{container}: {len(got)} blobs, expected {len(expected)}; first differences: "
+            f"{sorted(set(got) ^ set(expected))[:5]}"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--large", type=int, default=3, help="64 MiB videos added to the library")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=6)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gighive-migrate-bench")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "migrate")
+    args = ap.parse_args()
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.monotonic()
+    sizes = make_library(work / "library", args.files, args.large, args.seed)
+    print(
+        f"library: {len(sizes)} files, {sum(sizes.values()) / MiB:.0f} MiB ({time.monotonic() - t:.0f} s)", flush=True
+    )
+    run = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    azurite = Azurite(run / "azurite", in_memory=True).start()
+    db = MariaDB(run / "mariadb").start()
+    results: list[dict[str, object]] = []
+    try:
+        service = BlobServiceClient.from_connection_string(azurite.connection_string)
+        for c in ("agent", "rclone"):
+            service.create_container(c)
+        pw = db.password_file(run / "mysql-password")
+        config = run / "agent.env"
+        config.write_text(
+            "\n".join(
+                [
+                    "MEDIA_STORAGE_BACKEND=azure_blob",
+                    "AZURE_AUTH_MODE=connection_string",
+                    f'AZURE_STORAGE_CONNECTION_STRING="{azurite.connection_string}"',
+                    "AZURE_STORAGE_CONTAINER_NAME=agent",
+                    f"MEDIA_ROOTS=audio={work / 'library' / 'audio'},video={work / 'library' / 'video'}",
+                    f"GIGHIVE_MEDIA_STATE_DIR={run / 'state'}",
+                    f"MYSQL_HOST={db.host}",
+                    f"MYSQL_PORT={db.port}",
+                    f"MYSQL_DATABASE={db.database}",
+                    f"MYSQL_USER={db.user}",
+                    f"MYSQL_PASSWORD_FILE={pw}",
+                    "UPLOAD_SETTLE_SECONDS=0",
+                    f"UPLOAD_FILE_CONCURRENCY={args.concurrency}",
+                ]
+            )
+            + "\n"
+        )
+        config.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
+        env.pop("JOURNAL_STREAM", None)
+        agent = [str(REPO / ".venv" / "bin" / "gighive-media"), "--config", str(config)]
+        subprocess.run([*agent, "db-migrate"], env=env, check=True, capture_output=True)
+
+        sas = generate_account_sas(
+            ACCOUNT_NAME,
+            ACCOUNT_KEY,
+            ResourceTypes(service=True, container=True, object=True),
+            AccountSasPermissions(read=True, write=True, delete=True, list=True, add=True, create=True),
+            expiry=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+        )
+        renv = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
+        renv["RCLONE_AZUREBLOB_SAS_URL"] = f"{azurite.blob_endpoint}?{sas}"
+        (run / "rclone.conf").write_text("")
+        renv["RCLONE_CONFIG"] = str(run / "rclone.conf")
+        rclone = shutil.which("rclone") or "rclone"
+
+        results.append(step("dry-run (empty container)", [*agent, "--json", "migrate", "--dry-run"], env, run, azurite))
+        results.append(step("agent migrate", [*agent, "--json", "migrate", "--no-progress"], env, run, azurite))
+        check(service, "agent", sizes)
+        results.append(
+            step(
+                "rclone copy",
+                [
+                    rclone,
+                    "copy",
+                    str(work / "library"),
+                    ":azureblob:rclone",
+                    "--transfers",
+                    str(args.concurrency),
+                    "--checkers",
+                    str(args.concurrency),
+                    "--exclude",
+                    ".library-*",
+                ],
+                renv,
+                run,
+                azurite,
+            )
+        )
+        check(service, "rclone", sizes)
+        results.append(step("dry-run (all in Blob)", [*agent, "--json", "migrate", "--dry-run"], env, run, azurite))
+        results.append(
+            step(
+                "rclone lsf -R (listing peer)",
+                [rclone, "lsf", "-R", "--files-only", ":azureblob:rclone"],
+                renv,
+                run,
+                azurite,
+            )
+        )
+        results.append(
+            step(
+                "agent migrate (rerun, nothing to do)",
+                [*agent, "--json", "migrate", "--no-progress"],
+                env,
+                run,
+                azurite,
+            )
+        )
+        results.append(step("verify --all", [*agent, "--json", "verify", "--all", "--no-progress"], env, run, azurite))
+        for r in results:
+            if r["exit"] != 0:
+                raise SystemExit(f"step {r['step']} exited with {r['exit']}; see {run}")
+    finally:
+        azurite.stop()
+        db.stop()
+
+    total = sum(sizes.values())
+    by = {r["step"]: r for r in results}
+    agent_s, rclone_s = by["agent migrate"]["wall_s"], by["rclone copy"]["wall_s"]
+    summary = {
+        "files": len(sizes),
+        "bytes": total,
+        "concurrency": args.concurrency,
+        "agent_files_per_s": round(len(sizes) / agent_s, 1),
+        "rclone_files_per_s": round(len(sizes) / rclone_s, 1),
+        "agent_mb_per_s": round(total / 1e6 / agent_s, 2),
+        "rclone_mb_per_s": round(total / 1e6 / rclone_s, 2),
+        "files_per_s_ratio_agent_over_rclone": round(rclone_s / agent_s, 2),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "steps": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"# migrate benchmark: {len(sizes):,} files, {total / MiB:,.0f} MiB, concurrency {args.concurrency}",
+        "",
+        "| step | wall s | CPU s | peak RSS MiB | Azurite CPU s | other CPU s |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['step']} | {r['wall_s']} | {r['cpu_s']} | {r['max_rss_mib']} | {r['azurite_cpu_s']} | "
+            f"{r['other_cpu_s']} |"
+            for r in results
+        ),
+        "",
+        f"agent {summary['agent_files_per_s']} files/s ({summary['agent_mb_per_s']} MB/s), rclone "
+        f"{summary['rclone_files_per_s']} files/s ({summary['rclone_mb_per_s']} MB/s): agent/rclone files per second "
+        f"= {summary['files_per_s_ratio_agent_over_rclone']}",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    shutil.rmtree(run, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
