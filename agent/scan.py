@@ -57,10 +57,13 @@ def walk_root(
 ) -> Iterator[tuple[MediaFile, os.stat_result]]:
     """Yield (MediaFile, lstat) for every uploadable file under root (or under start, inside it)."""
     stack = [start or root.path]
+    prefix = len(str(root.path).rstrip("/")) + 1
     while stack:
         directory = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            # Iterated, not listed: a 100,000-file directory would otherwise hold every DirEntry
+            # (tens of MiB) at once.
+            entries = os.scandir(directory)
         except FileNotFoundError:
             if directory == root.path:
                 report.root_errors[root.name] = f"{root.path} does not exist"
@@ -72,28 +75,35 @@ def walk_root(
         except NotADirectoryError:
             report.root_errors[root.name] = f"{directory} is not a directory"
             continue
-        for entry in entries:
-            rel = PurePosixPath(*Path(entry.path).relative_to(root.path).parts)
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if not entry.name.startswith("."):
-                    stack.append(Path(entry.path))
-                continue
-            problem = name_problem(rel)
-            if problem:
-                # Hidden and temporary files are normal traffic, not worth a report line.
-                log.debug("skipping %s: %s", entry.path, problem)
-                continue
-            kind = classify(st.st_mode)
-            if kind:
-                report.skipped.append((entry.path, kind))
-                log.warning("skipping %s: %s", entry.path, kind, extra={"fields": {"path": entry.path}})
-                continue
-            report.files += 1
-            yield MediaFile(root=root, relpath=rel), st
+        with entries:
+            yield from _entries(root, entries, prefix, stack, report)
+
+
+def _entries(
+    root: MediaRoot, entries: Iterator[os.DirEntry[str]], prefix: int, stack: list[Path], report: ScanReport
+) -> Iterator[tuple[MediaFile, os.stat_result]]:
+    for entry in entries:
+        rel = PurePosixPath(entry.path[prefix:])
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if not entry.name.startswith("."):
+                stack.append(Path(entry.path))
+            continue
+        problem = name_problem(rel)
+        if problem:
+            # Hidden and temporary files are normal traffic, not worth a report line.
+            log.debug("skipping %s: %s", entry.path, problem)
+            continue
+        kind = classify(st.st_mode)
+        if kind:
+            report.skipped.append((entry.path, kind))
+            log.warning("skipping %s: %s", entry.path, kind, extra={"fields": {"path": entry.path}})
+            continue
+        report.files += 1
+        yield MediaFile(root=root, relpath=rel), st
 
 
 def walk(config: Config, report: ScanReport) -> Iterator[tuple[MediaFile, os.stat_result]]:
