@@ -95,9 +95,12 @@ def backoff_delay(attempts: int, policy: RetryPolicy, rng: random.Random | None 
 
 
 class StateStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readonly: bool = False):
         self.path = path
         self._lock = threading.RLock()
+        if readonly:
+            self._db = _connect_readonly(path)
+            return
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
@@ -128,6 +131,14 @@ class StateStore:
         if not path.exists():
             return None
         return cls(path)
+
+    @classmethod
+    def open_for_reading(cls, state_dir: Path) -> StateStore | None:
+        """Like open_readonly, but never writes (no schema, no WAL switch): see _connect_readonly."""
+        path = state_dir / "state.sqlite3"
+        if not path.exists():
+            return None
+        return cls(path, readonly=True)
 
     def close(self) -> None:
         with self._lock:
@@ -354,3 +365,25 @@ class StateStore:
             args += names
         with self._tx() as db:
             return db.execute(sql, args).rowcount
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing, so `status` works when the state directory is full or
+    read-only: exactly when the operator needs it.
+
+    mode=ro still has to create the WAL index (-shm) next to the database; where that fails (a
+    read-only mount, a full disk, a user without write access) immutable=1 reads the file as it
+    is: a snapshot that may miss the newest transactions, which is fine for a status report.
+    """
+    from urllib.parse import quote
+
+    last: sqlite3.Error | None = None
+    for flags in ("mode=ro", "mode=ro&immutable=1"):
+        try:
+            db = sqlite3.connect(f"file:{quote(str(path))}?{flags}", uri=True, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("SELECT 1 FROM files LIMIT 1").fetchall()
+            return db
+        except sqlite3.Error as e:
+            last = e
+    raise StateError(f"cannot read state database {path}: {last}")
