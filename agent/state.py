@@ -366,6 +366,14 @@ class StateStore:
         with self._tx() as db:
             return db.execute(sql, args).rowcount
 
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:
     """A connection that writes nothing, so `status` works when the state directory is full or

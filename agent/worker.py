@@ -11,6 +11,7 @@ agent's own state is the pointer), and only if it is still the very file that wa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -101,6 +102,9 @@ class Worker:
             self._observe(mf, st, report, known)
         for where, problem in report.root_errors.items():
             log.error("media root %s: %s", where, problem, extra={"fields": {"root": where}})
+        # Files under an unreadable root never reach the queue, so only this record lets
+        # `status` show that part of the library is not being mirrored.
+        self.state.set_meta("root_errors", json.dumps(report.root_errors))
         return report
 
     def scan_dir(self, directory: Path) -> ScanReport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ def run(config: Config, limit: int = 50) -> dict[str, object]:
         return result
     try:
         result["counts"] = state.counts()
+        result["root_errors"] = json.loads(state.get_meta("root_errors") or "{}")
         result["pointer"] = state.pointer_counts()
         result["attention"] = [_item(r) for r in state.in_state("dead", "quarantined", limit=limit)]
         result["failing"] = [_item(r) for r in state.in_state("failed", limit=limit)]
@@ -94,6 +96,8 @@ def render(result: dict[str, object]) -> str:
     counts = result.get("counts") or {}
     assert isinstance(counts, dict)
     lines.append("files: " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    for where, problem in (result.get("root_errors") or {}).items():  # type: ignore[union-attr]
+        lines.append(f"media root {where} not scanned: {problem}")
     pointer = result.get("pointer") or {}
     if pointer:
         lines.append("db pointer: " + "  ".join(f"{k}={v}" for k, v in pointer.items()))
