@@ -35,6 +35,9 @@ from .transfer import Transfer, TransferResult
 
 log = logging.getLogger(__name__)
 
+# An mtime this far ahead of our clock is not a writer with a slightly fast clock.
+FUTURE_MTIME_SLACK = 60.0
+
 
 @dataclass
 class RunReport:
@@ -135,7 +138,8 @@ class Worker:
     def _observe(self, mf: MediaFile, st: os.stat_result, report: ScanReport, known) -> None:
         if known is not None and known.get(mf.blob_name) == (st.st_size, st.st_mtime_ns, st.st_ino):
             return
-        not_before = st.st_mtime + self.config.settle_seconds
+        # A future mtime (clock stepped back, skewed NFS server) must not schedule the file days ahead.
+        not_before = min(st.st_mtime, time.time()) + self.config.settle_seconds
         verdict = self.state.observe(mf.blob_name, mf.root.name, str(mf.path), st, not_before)
         if verdict == "new":
             report.new += 1
@@ -188,7 +192,16 @@ class Worker:
             self._fail(rec, f"cannot stat {mf.path}: {e.strerror}", report, fields)
             return report
         settled_at = st.st_mtime + self.config.settle_seconds
-        if settled_at > time.time():
+        if st.st_mtime > time.time() + FUTURE_MTIME_SLACK:
+            # Its age says nothing then, and waiting for the clock to catch up could take days; a
+            # file still being written is caught anyway: the upload rejects one that changes while read.
+            log.warning(
+                "%s has a modification time %.0f s in the future (clock stepped back?); not waiting for it to settle",
+                rec.blob_name,
+                st.st_mtime - time.time(),
+                extra={"fields": fields},
+            )
+        elif settled_at > time.time():
             self.state.defer(rec.blob_name, settled_at, "waiting for the file to settle (recently modified)")
             report.deferred += 1
             return report
