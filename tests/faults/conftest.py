@@ -16,6 +16,9 @@ from agent.pointer import TABLE
 from agent.state import FileRecord, StateStore
 from tests.faults.faultproxy import FaultProxy
 from tests.integration.agent_harness import Harness, connection_string_settings
+
+# The integration suite's agent fixtures, shared rather than copied.
+from tests.integration.conftest import harness, private_harness  # noqa: F401
 from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME
 
 

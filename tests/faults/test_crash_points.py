@@ -17,7 +17,6 @@ import subprocess
 import time
 
 from tests.faults.conftest import pointer_rows, records, with_mysql
-from tests.integration.conftest import harness  # noqa: F401 - the shared fixture, reused
 from tests.support.media import make_content_addressed
 
 SEED = int(os.environ.get("GIGHIVE_CRASH_SEED", "20261125"))
@@ -25,7 +24,7 @@ TRIALS = int(os.environ.get("GIGHIVE_CRASH_TRIALS", "60"))
 MIB = 1024 * 1024
 
 
-def test_kill_9_at_random_points_loses_nothing(harness, blob_container, media_roots, media_db, tmp_path):  # noqa: F811
+def test_kill_9_at_random_points_loses_nothing(harness, blob_container, media_roots, media_db, tmp_path):
     print(f"\n[crash] seed={SEED} trials={TRIALS} (GIGHIVE_CRASH_SEED / GIGHIVE_CRASH_TRIALS to change)")
     rng = random.Random(SEED)
     h = with_mysql(harness, media_db, tmp_path)
