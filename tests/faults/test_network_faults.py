@@ -226,3 +226,55 @@ def test_trickling_link_shows_no_partial_blob(fault_harness, proxy, blob_contain
     assert watcher.bad == []
     assert_blobs_identical(blob_container, {n: d for n, (_, d) in files.items()})
     assert {r.attempts for r in records(h).values()} == {0}
+
+
+def test_persistent_errors_end_dead_after_exactly_the_allowed_requests(
+    fault_harness, proxy, blob_container, media_roots
+):
+    """A service that never recovers: each attempt costs one request and its SDK retries, the
+    item goes dead at RETRY_MAX_ATTEMPTS, and not one request more is sent."""
+    h = fault_harness
+    h.write_config(RETRY_MAX_ATTEMPTS="3")
+    path, _ = make_content_addressed(media_roots["audio"], 10_000, "mp3", seed=800)
+    proxy.http_errors(1000, statuses=(503,))
+    runs = [h.cli("upload", "--no-watch")] + [h.cli("retry") for _ in range(6)]
+    for _ in range(20):
+        if {r.state for r in records(h).values()} == {"dead"}:
+            break
+        runs.append(h.cli("retry"))
+        time.sleep(0.3)
+    assert all(r.returncode == 0 for r in runs)
+    (rec,) = records(h).values()
+    assert (rec.state, rec.attempts) == ("dead", 3), rec
+    assert "HTTP 503 ServerBusy" in rec.last_error
+    # 3 attempts x (1 Put Blob x 3 tries); later runs must not touch a dead item.
+    assert len(proxy.requests()) == 3 * SDK_TRIES
+    assert "giving up on" in "".join(r.stderr for r in runs)
+    assert path.exists()
+    assert h.cli("status").returncode == 1
+
+
+def test_link_stalling_mid_upload_then_coming_back(fault_harness, proxy, blob_container, media_roots):
+    """The stall lands mid-run (some blocks sent, some in flight). The held requests are delivered
+    late when the link comes back, after the client gave up on them: stale Put Blocks and possibly
+    a stale commit arrive while the retry uploads again. The end state must still be exact."""
+    h = fault_harness
+    h.write_config(AZURE_NETWORK_TIMEOUT="1", UPLOAD_FILE_CONCURRENCY="2")
+    files = make_library(media_roots, 820, large=(1_500_000, 1_000_000), small=(3_000,))
+    proxy.trickle(512 * 1024)
+    proc = h.spawn("upload", "--no-watch")
+    deadline = time.monotonic() + 60
+    while len(proxy.requests()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proxy.stall()
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    proxy.passthrough()
+    assert set(drain(h)) <= {0}
+    assert_blobs_identical(blob_container, {n: d for n, (_, d) in files.items()})
+    assert_within_policy(h)
+    recs = records(h)
+    for name in files:
+        props = blob_container.get_blob_client(name).get_blob_properties()
+        assert props.etag == recs[name].etag, f"{name}: the blob changed after it was verified"
+    assert len(proxy.requests()) <= requests_allowed(h, files)
