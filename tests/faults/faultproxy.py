@@ -8,6 +8,9 @@ The agent's BlobEndpoint points at the proxy; the test switches the mode while u
     stall()                       accept and read nothing, forward nothing: a black hole
     trickle(bytes_per_second)     forward at this rate (both directions, all connections)
     refuse()                      close the listener (connection refused) and reset open connections
+    lose_responses(n, comp, method)  forward the next n requests (matching comp= and method, if given) whole, then
+                                  reset the connection instead of relaying the answer: the service
+                                  applied the request but the client never hears so
     http_errors(n, statuses)      answer the next n requests itself with these statuses in turn and
                                   an Azure-style XML error body, then pass through again
 
@@ -57,6 +60,9 @@ class FaultProxy:
         self._reset_after = 0
         self._resets_left = 0
         self._errors: list[int] = []
+        self._lose_left = 0
+        self._lose_comp: str | None = None
+        self._lose_method: str | None = None
         self._rate = 0.0
         self._next_send = 0.0  # trickle: monotonic time the link is free again
         self._conns: set[socket.socket] = set()
@@ -109,6 +115,7 @@ class FaultProxy:
         with self._lock:
             was_refusing = self._mode == "refuse"
             self._mode, self._resets_left, self._errors, self._rate = "pass", 0, [], 0.0
+            self._lose_left = 0
         if was_refusing:
             self._listen()
 
@@ -133,6 +140,10 @@ class FaultProxy:
             listener.close()
         for c in conns:
             _rst(c)
+
+    def lose_responses(self, n: int, comp: str | None = None, method: str | None = None) -> None:
+        with self._lock:
+            self._lose_left, self._lose_comp, self._lose_method = n, comp, method
 
     def http_errors(self, n: int, statuses: tuple[int, ...] = (500, 503)) -> None:
         with self._lock:
@@ -217,9 +228,12 @@ class FaultProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._conns.add(upstream)
-            threading.Thread(target=self._pump, args=(upstream, client), name="faultproxy-down", daemon=True).start()
+            lose = threading.Event()  # set: the next answer on this connection is dropped
+            threading.Thread(
+                target=self._pump, args=(upstream, client, lose), name="faultproxy-down", daemon=True
+            ).start()
             if self.http:
-                self._requests(client, upstream)
+                self._requests(client, upstream, lose)
             else:
                 self._pump(client, upstream)
         except OSError:
@@ -232,7 +246,7 @@ class FaultProxy:
                     with contextlib.suppress(OSError):
                         s.close()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, lose: threading.Event | None = None) -> None:
         try:
             while True:
                 if not self._wait_while_stalled(src, dst):
@@ -240,6 +254,10 @@ class FaultProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if lose is not None and lose.is_set():
+                    _rst(src)
+                    _rst(dst)
+                    return
                 self._send(dst, data)
         except OSError:
             pass
@@ -247,7 +265,7 @@ class FaultProxy:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
 
-    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+    def _requests(self, client: socket.socket, upstream: socket.socket, lose: threading.Event) -> None:
         buf = b""
         while True:
             while b"\r\n\r\n" not in buf:
@@ -274,7 +292,17 @@ class FaultProxy:
                 cut = status is None and self._resets_left > 0 and length > self._reset_after
                 if cut:
                     self._resets_left -= 1
-                outcome = f"http_{status}" if status else ("reset" if cut else "forwarded")
+                drop = (
+                    status is None
+                    and not cut
+                    and self._lose_left > 0
+                    and self._lose_comp in (None, comp)
+                    and self._lose_method in (None, method)
+                )
+                if drop:
+                    self._lose_left -= 1
+                    lose.set()  # before the body goes out, so the answer cannot slip through first
+                outcome = f"http_{status}" if status else ("reset" if cut else ("lost" if drop else "forwarded"))
                 self.seen.append(Seen(method, url.path, comp, outcome))
 
             if status is not None:

@@ -278,3 +278,32 @@ def test_link_stalling_mid_upload_then_coming_back(fault_harness, proxy, blob_co
         props = blob_container.get_blob_client(name).get_blob_properties()
         assert props.etag == recs[name].etag, f"{name}: the blob changed after it was verified"
     assert len(proxy.requests()) <= requests_allowed(h, files)
+
+
+def test_lost_responses_after_the_service_applied_the_request(fault_harness, proxy, blob_container, media_roots):
+    """The request arrives whole and is applied, the answer never comes back: a Put Blob that
+    created the blob, a Put Block List that committed it. The retried request then meets its own
+    result (409 for the If-None-Match Put Blob, a re-commit for the block list)."""
+    h = fault_harness
+    h.write_config(UPLOAD_FILE_CONCURRENCY="1")
+    small = make_library(media_roots, 900, large=(), small=(40_000,))
+    proxy.lose_responses(1, method="PUT")  # a small file goes up in one Put Blob
+    first = h.cli("upload", "--no-watch")
+    assert first.returncode == 0, first.stderr
+    large = make_library(media_roots, 910, large=(1_200_000,), small=())
+    proxy.lose_responses(1, comp="blocklist", method="PUT")
+    second = h.cli("upload", "--no-watch")
+    assert second.returncode == 0, second.stderr
+    lost = proxy.requests("lost")
+    assert [(s.method, s.comp) for s in lost] == [("PUT", None), ("PUT", "blocklist")]
+    assert set(drain(h)) <= {0}
+    files = {**small, **large}
+    assert_blobs_identical(blob_container, {n: d for n, (_, d) in files.items()})
+    assert_within_policy(h)
+    recs = records(h)
+    for name in files:
+        props = blob_container.get_blob_client(name).get_blob_properties()
+        assert props.etag == recs[name].etag, f"{name}: the blob changed after it was verified"
+    print(
+        f"\n[faults] lost responses=2 attempts={[r.attempts for r in recs.values()]} requests={len(proxy.requests())}"
+    )
