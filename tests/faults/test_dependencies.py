@@ -41,8 +41,9 @@ def test_mysql_stopped_mid_run_keeps_files_until_the_pointer_flips(
     harness, blob_container, media_roots, media_db, tmp_path
 ):
     h = with_mysql(harness, media_db, tmp_path)
-    h.write_config(DELETE_LOCAL_AFTER_UPLOAD="true", UPLOAD_FILE_CONCURRENCY="1", UPLOAD_BANDWIDTH_LIMIT="1MiB")
-    files = library(media_roots, 800, n=5)
+    # About 7 s of uploading at this rate: MySQL's shutdown lands well inside the run.
+    h.write_config(DELETE_LOCAL_AFTER_UPLOAD="true", UPLOAD_FILE_CONCURRENCY="1", UPLOAD_BANDWIDTH_LIMIT="512KiB")
+    files = library(media_roots, 800, n=6)
     stopped = threading.Event()
 
     def stop_after_first_flip() -> None:

