@@ -99,17 +99,9 @@ class StateStore:
         self.path = path
         self._lock = threading.RLock()
         if readonly:
-            # Query-only (`status`, `migrate --dry-run`): no schema writes, and SQLite refuses any
-            # write, so a command that promises to change nothing cannot.
-            try:
-                self._db = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, timeout=30, check_same_thread=False, isolation_level=None
-                )
-                self._db.row_factory = sqlite3.Row
-                self._db.execute("PRAGMA busy_timeout=30000")
-                self._db.execute("SELECT 1 FROM files LIMIT 1")
-            except sqlite3.Error as e:
-                raise StateError(f"cannot read state database {path}: {e}") from e
+            # Query-only (`status`, `migrate --dry-run`, `verify`): SQLite refuses any write, so a
+            # command that promises to change nothing cannot.
+            self._db = _connect_readonly(path)
             return
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -438,3 +430,33 @@ class StateStore:
             args += names
         with self._tx() as db:
             return db.execute(sql, args).rowcount
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing, so `status` works when the state directory is full or
+    read-only: exactly when the operator needs it.
+
+    mode=ro still has to create the WAL index (-shm) next to the database; where that fails (a
+    read-only mount, a full disk, a user without write access) immutable=1 reads the file as it
+    is: a snapshot that may miss the newest transactions, which is fine for a status report.
+    """
+    from urllib.parse import quote
+
+    last: sqlite3.Error | None = None
+    for flags in ("mode=ro", "mode=ro&immutable=1"):
+        try:
+            db = sqlite3.connect(f"file:{quote(str(path))}?{flags}", uri=True, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("SELECT 1 FROM files LIMIT 1").fetchall()
+            return db
+        except sqlite3.Error as e:
+            last = e
+    raise StateError(f"cannot read state database {path}: {last}")

@@ -11,6 +11,7 @@ agent's own state is the pointer), and only if it is still the very file that wa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -33,6 +34,9 @@ from .storage.azure_blob import AzureBlobStore
 from .transfer import Transfer, TransferResult
 
 log = logging.getLogger(__name__)
+
+# An mtime this far ahead of our clock is not a writer with a slightly fast clock.
+FUTURE_MTIME_SLACK = 60.0
 
 
 @dataclass
@@ -110,6 +114,9 @@ class Worker:
             self._observe(mf, st, report, known)
         for where, problem in report.root_errors.items():
             log.error("media root %s: %s", where, problem, extra={"fields": {"root": where}})
+        # Files under an unreadable root never reach the queue, so only this record lets
+        # `status` show that part of the library is not being mirrored.
+        self.state.set_meta("root_errors", json.dumps(report.root_errors))
         return report
 
     def scan_dir(self, directory: Path) -> ScanReport:
@@ -140,7 +147,8 @@ class Worker:
     def _observe(self, mf: MediaFile, st: os.stat_result, report: ScanReport, known) -> None:
         if known is not None and known.get(mf.blob_name) == (st.st_size, st.st_mtime_ns, st.st_ino):
             return
-        not_before = st.st_mtime + self.config.settle_seconds
+        # A future mtime (clock stepped back, skewed NFS server) must not schedule the file days ahead.
+        not_before = min(st.st_mtime, time.time()) + self.config.settle_seconds
         verdict = self.state.observe(mf.blob_name, mf.root.name, str(mf.path), st, not_before)
         if verdict == "new":
             report.new += 1
@@ -227,7 +235,16 @@ class Worker:
             self._fail(rec, f"cannot stat {mf.path}: {e.strerror}", report, fields)
             return report
         settled_at = st.st_mtime + self.config.settle_seconds
-        if settled_at > time.time():
+        if st.st_mtime > time.time() + FUTURE_MTIME_SLACK:
+            # Its age says nothing then, and waiting for the clock to catch up could take days; a
+            # file still being written is caught anyway: the upload rejects one that changes while read.
+            log.warning(
+                "%s has a modification time %.0f s in the future (clock stepped back?); not waiting for it to settle",
+                rec.blob_name,
+                st.st_mtime - time.time(),
+                extra={"fields": fields},
+            )
+        elif settled_at > time.time():
             self.state.defer(rec.blob_name, settled_at, "waiting for the file to settle (recently modified)")
             report.deferred += 1
             return report

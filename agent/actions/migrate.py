@@ -223,7 +223,7 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         worker.notifier.ready("migrate: scanning media roots")
         scan = ScanReport()
         walked = [
-            (mf.blob_name, mf.root.name, str(mf.path), st, st.st_mtime + config.settle_seconds)
+            (mf.blob_name, mf.root.name, str(mf.path), st, min(st.st_mtime, time.time()) + config.settle_seconds)
             for mf, st in _walk(roots, scan)
         ]
         for where, problem in scan.root_errors.items():

@@ -45,7 +45,15 @@ def run(
         for root in roots:
             for mf, st in walk_root(root, scan):
                 local[mf.blob_name] = st
-                files.append((mf.blob_name, mf.root.name, str(mf.path), st, st.st_mtime + config.settle_seconds))
+                files.append(
+                    (
+                        mf.blob_name,
+                        mf.root.name,
+                        str(mf.path),
+                        st,
+                        min(st.st_mtime, time.time()) + config.settle_seconds,
+                    )
+                )
         try:
             listing = list_roots(store, names)
         except StoreUnavailable as e:

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 from ..config import Config
-from ..errors import LockBusy
+from ..errors import LockBusy, StateError
 from ..lock import QueueLock
 from ..state import StateStore
+
+# Below this the next state transition (a WAL frame of a few pages) may not fit.
+_MIN_FREE = 64 * 1024
 
 
 def run(config: Config, limit: int = 50) -> dict[str, object]:
     result: dict[str, object] = {"config": config.summary()}
+    result["state_dir_problem"] = state_dir_problem(config.state_dir)
     state = StateStore.open_readonly(config.state_dir)
     if state is None:
         result.update(counts={}, attention=[], failing=[], pointer={}, note="no upload has run yet")
         return result
     try:
         result["counts"] = state.counts()
+        result["root_errors"] = json.loads(state.get_meta("root_errors") or "{}")
         result["pointer"] = state.pointer_counts()
         result["attention"] = [_item(r) for r in state.in_state("dead", "quarantined", limit=limit)]
         result["failing"] = [_item(r) for r in state.in_state("failed", limit=limit)]
@@ -41,10 +49,26 @@ def _item(r) -> dict[str, object]:
     }
 
 
+def state_dir_problem(state_dir: Path) -> str | None:
+    """Why upload/retry runs would exit 73 now, or None. Checked without writing anything."""
+    if not state_dir.is_dir():
+        return None
+    # access(2) reports EROFS for a read-only mount even to root, unlike the mode bits.
+    if not os.access(state_dir, os.W_OK | os.X_OK):
+        return f"{state_dir} is not writable (read-only file system or permissions); runs exit 73 until it is"
+    st = os.statvfs(state_dir)
+    free = st.f_bavail * st.f_frsize
+    if free < _MIN_FREE:
+        return f"{state_dir} is full ({free} bytes free); runs exit 73 until space is freed"
+    return None
+
+
 def _lock_holder(config: Config) -> int | None:
     lock = QueueLock(config.state_dir)
     try:
         lock.acquire(wait=False)
+    except StateError:
+        return None  # cannot even open the lock file: state_dir_problem says why
     except LockBusy:
         try:
             return int(lock.path.read_text().strip() or 0) or None
@@ -64,12 +88,16 @@ def render(result: dict[str, object]) -> str:
     )
     lines.append("roots: " + ", ".join(f"{k}={v}" for k, v in (cfg.get("media_roots") or {}).items()))
     lines.append(f"delete local after upload: {cfg.get('delete_local_after_upload')}")
+    if result.get("state_dir_problem"):
+        lines.append(f"state directory: {result['state_dir_problem']}")
     if result.get("note"):
         lines.append(str(result["note"]))
         return "\n".join(lines)
     counts = result.get("counts") or {}
     assert isinstance(counts, dict)
     lines.append("files: " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    for where, problem in (result.get("root_errors") or {}).items():  # type: ignore[union-attr]
+        lines.append(f"media root {where} not scanned: {problem}")
     pointer = result.get("pointer") or {}
     if pointer:
         lines.append("db pointer: " + "  ".join(f"{k}={v}" for k, v in pointer.items()))
