@@ -9,12 +9,14 @@ otherwise the same figures go to sd_notify STATUS (`systemctl status`) and, ever
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
 from typing import TextIO
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .notify import Notifier
 
@@ -47,7 +49,7 @@ class Progress:
         notifier: Notifier | None = None,
         stream: TextIO | None = None,
         interactive: bool | None = None,
-        log_interval: float = 30.0,
+        log_interval: float | None = None,
     ):
         self.label = label
         self.total_files = total_files
@@ -56,6 +58,12 @@ class Progress:
         self.bytes = 0
         self.problems = 0
         self.notifier = notifier or Notifier()
+        # GIGHIVE_MEDIA_PROGRESS_INTERVAL: seconds between journal progress lines (tests use less).
+        if log_interval is None:
+            try:
+                log_interval = float(os.environ.get("GIGHIVE_MEDIA_PROGRESS_INTERVAL") or 30.0)
+            except ValueError:
+                log_interval = 30.0
         self.log_interval = log_interval
         self.started = time.monotonic()
         self._last_log = self.started
@@ -79,6 +87,14 @@ class Progress:
             if interactive
             else None
         )
+        self._redirect = None
+        if self.bar is not None:
+            # Log lines would tear the bar apart: they go above it through tqdm, and only warnings
+            # and errors do, since one INFO line per file would scroll the bar off any terminal.
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+            for handler in logging.getLogger().handlers:
+                handler.setLevel(max(handler.level, logging.WARNING))
 
     def _postfix(self) -> str:
         text = f"{self.files}/{self.total_files} files"
@@ -138,4 +154,7 @@ class Progress:
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
+            if self._redirect is not None:
+                self._redirect.__exit__(None, None, None)
+                self._redirect = None
             self.notifier.status(self.line())

@@ -241,19 +241,19 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         due = [r for r in worker.state.due(time.time(), config.retry.max_delay) if r.root in names]
         if opts.limit is not None:
             due = due[: opts.limit]
+        log.info(
+            "migrating %d file(s) (%s) under %s; %d already in Blob from earlier runs",
+            len(due),
+            human_bytes(sum(r.size or 0 for r in due)),
+            ", ".join(names),
+            done_before,
+        )
         progress = Progress(
             "migrate",
             len(due),
             sum(r.size or 0 for r in due),
             worker.notifier,
             interactive=opts.interactive,
-        )
-        log.info(
-            "migrating %d file(s) (%s) under %s; %d already in Blob from earlier runs",
-            len(due),
-            human_bytes(progress.total_bytes),
-            ", ".join(names),
-            done_before,
         )
         del due
         report = RunReport()

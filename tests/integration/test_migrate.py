@@ -310,3 +310,76 @@ def test_kill_at_random_points_always_resumes_to_the_exact_library(db_harness: H
     for name, data in files.items():
         provider, _etag, size, sha, local_copy = ptr[name]
         assert (provider, size, sha, local_copy) == ("azure_blob", len(data), hashlib.sha256(data).hexdigest(), 1)
+
+
+# ---- progress ----------------------------------------------------------------------------------
+
+
+def test_migrate_on_a_terminal_draws_a_bar_with_files_bytes_rate_and_eta(harness: Harness, media_roots) -> None:
+    """Run under a real pseudo-terminal, as an operator over SSH would."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    files = build_library(media_roots, small=6, large=2)
+    primary, secondary = pty.openpty()
+    # A fresh pty is 0x0; a real terminal has a size, and the bar is drawn to fit it.
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
+    env.pop("JOURNAL_STREAM", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "--config", str(harness.config_path), "migrate", "--bwlimit", "1M"],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env=env,
+    )
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(primary)
+    text = out.decode(errors="replace")
+    assert f"{len(files)}/{len(files)} files" in text
+    assert "migrate:" in text and "B/s" in text and "<" in text  # tqdm's "elapsed<remaining" ETA
+    assert f"uploaded {len(files)}, skipped 0" in text
+
+
+def test_migrate_under_systemd_sends_status_and_journal_progress_lines(harness: Harness, media_roots, tmp_path) -> None:
+    import socket
+
+    files = build_library(media_roots, small=6, large=2)
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.5)
+    try:
+        # Not a terminal (as under systemd): STATUS datagrams, and a journal line per interval.
+        proc = harness.cli(
+            "migrate", "--bwlimit", "1M", env={"NOTIFY_SOCKET": path, "GIGHIVE_MEDIA_PROGRESS_INTERVAL": "0.5"}
+        )
+        messages = []
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+    finally:
+        sock.close()
+    assert proc.returncode == 0, proc.stderr
+    assert messages[0].startswith("READY=1")
+    statuses = [m for m in messages if m.startswith("STATUS=migrate:")]
+    assert statuses and statuses[-1].startswith(f"STATUS=migrate: {len(files)}/{len(files)} files")
+    progress_lines = [line for line in proc.stderr.splitlines() if " migrate: " in line and "ETA" in line]
+    assert progress_lines, proc.stderr
+    assert "\r" not in proc.stderr  # no bar drawn into the journal
