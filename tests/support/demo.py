@@ -2,7 +2,8 @@
 
 Starts Azurite (the blob endpoint) and MariaDB (GigHive's database stand-in), writes sample media
 shaped like GigHive's library (plus one corrupt file, to show the quarantine), writes an agent.env,
-then runs the real CLI: db-migrate, upload, status, and shows the DB pointer rows.
+then runs the real CLI: db-migrate, migrate (dry run, then for real), status, verify, reconcile,
+and shows the DB pointer rows.
 """
 
 from __future__ import annotations
@@ -78,11 +79,17 @@ def main() -> int:
         config.chmod(0o600)
 
         run(["db-migrate"], config)
+        # The existing library: plan, then move it (the path unit's `upload` handles new files).
+        run(["migrate", "--dry-run"], config)
         started = time.monotonic()
-        run(["upload", "--no-watch"], config)
-        print(f"(upload took {time.monotonic() - started:.1f} s)")
+        migrate_rc = run(["migrate"], config)
+        print(
+            f"(migrate took {time.monotonic() - started:.1f} s, exit code {migrate_rc}: 1 because of the corrupt file)"
+        )
         status_rc = run(["status"], config)
         print(f"(status exit code {status_rc}: 1 means an item needs attention — here, the corrupt file)")
+        run(["verify", "--all", "--readback"], config)
+        run(["reconcile"], config)
 
         conn = db.connect()
         with conn.cursor() as cur:
