@@ -35,7 +35,7 @@ from ..errors import EXIT_CONFIG, EXIT_OK, AgentError, ConfigError, ConfigErrors
 from ..notify import Notifier
 from .handler import ClientGone, Handler, Output, Stats, reject
 from .http import HttpError, parse_head
-from .settings import StreamSettings, load_settings
+from .settings import StreamSettings, load_settings, peer_allowed
 from .sources import BlobSource, LocalSource, Sources
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ MAX_REQUEST_LINE = 8192
 # How long and how much a closing connection keeps reading (and discarding) client input.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
+# Refused peers are logged at most this often (with a count), so a scan cannot flood the journal.
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 class ListenError(AgentError):
@@ -210,6 +212,9 @@ class StreamServer:
         self._conns: dict[socket.socket, bool] = {}  # connection -> busy with a request
         self._conns_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.refused_peers = 0
+        self._refusals_unlogged = 0
+        self._next_refusal_log = 0.0
 
     # -- signals and wake-ups ------------------------------------------------------------------
     def _wake(self) -> None:
@@ -277,7 +282,7 @@ class StreamServer:
 
     def _accept(self, listener: socket.socket) -> bool:
         try:
-            conn, _addr = listener.accept()
+            conn, peer = listener.accept()
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as e:
@@ -285,6 +290,12 @@ class StreamServer:
             log.error("accept failed: %s", e)
             time.sleep(0.1)
             return False
+        if conn.family in (socket.AF_INET, socket.AF_INET6) and not peer_allowed(peer[0], self.settings.allowed_peers):
+            # Refused in the accept loop, before any byte is read and without a thread, so a
+            # flood of refused connections costs no more than its accept() calls.
+            conn.close()
+            self._refused(peer[0])
+            return True
         conn.setblocking(True)
         with self._conns_lock:
             self._conns[conn] = False
@@ -292,6 +303,21 @@ class StreamServer:
         thread = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True, name="stream-conn")
         thread.start()
         return True
+
+    def _refused(self, host: str) -> None:
+        self.refused_peers += 1
+        self._refusals_unlogged += 1
+        now = time.monotonic()
+        if now >= self._next_refusal_log:
+            log.warning(
+                "refused a connection from %s: not in STREAM_ALLOWED_PEERS (%d refused since the last "
+                "message); if this is the web front, add its address there and to the socket's IPAddressAllow=",
+                host,
+                self._refusals_unlogged,
+                extra={"fields": {"peer": host}},
+            )
+            self._refusals_unlogged = 0
+            self._next_refusal_log = now + REFUSAL_LOG_INTERVAL
 
     # -- status and watchdog -------------------------------------------------------------------
     def status_line(self) -> str:

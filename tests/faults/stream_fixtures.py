@@ -43,3 +43,6 @@ def rss_mib(pid: int) -> float:
 def hwm_mib(pid: int) -> float:
     """The process's peak RSS since it started (the kernel's high-water mark, no sampling gaps)."""
     return proc_status(pid)["VmHWM"] / 1024
+
+
+REPO_UNITS = Path(__file__).resolve().parents[2] / "units"
