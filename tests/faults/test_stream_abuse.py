@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.stream.support import Address, ServerProcess, request, wait_for
+from tests.stream.support import Address, ServerProcess, read_one_response, request, wait_for
 from tests.support.azurite import Azurite
 from tests.support.media import pseudo_random_bytes
 
@@ -176,6 +176,51 @@ def test_many_slowloris_clients_are_cut_off_while_normal_clients_are_served(
     assert counts["status 408"] >= SLOWLORIS
     assert srv.proc.poll() is None
     assert figures["hwm_mib"] < RSS_CEILING_MIB
+
+
+HOLDERS = 50
+
+
+def test_idle_keep_alive_connections_holding_every_slot_do_not_lock_new_clients_out(
+    start_server, fresh_library: MediaLibrary
+) -> None:
+    """The keep-alive variant of slowloris: each connection sends one valid request, then idles
+    just under the keep-alive timeout, again and again, so the header deadline never applies.
+    With every slot held that way, a new client must still be served (an idle kept-alive
+    connection is the one to give up, as nginx does when it runs out of connections)."""
+    item = fresh_library.add("m", pseudo_random_bytes(10_000, seed=75), local=True, blob=False)
+    srv: ServerProcess = start_server(
+        fresh_library, LOG_LEVEL="info", STREAM_MAX_CONNECTIONS=str(HOLDERS), STREAM_KEEPALIVE_TIMEOUT_SECONDS="3600"
+    )
+    holders = []
+    try:
+        for _ in range(HOLDERS):
+            s = srv.tcp.connect(timeout=60)
+            s.sendall(f"GET {item.url} HTTP/1.1\r\nHost: m\r\nRange: bytes=0-0\r\n\r\n".encode())
+            status, body = read_one_response(s)
+            assert status == 206 and body == item.data[:1]
+            holders.append(s)
+        # Every slot is held by an idle kept-alive connection. Without reclaiming, this waits
+        # for the keep-alive timeout (an hour here); the 60 s client timeout only stops a hang.
+        served = 0
+        for _ in range(2 * HOLDERS):
+            r = request(srv.tcp, item.url, {"Range": "bytes=0-9"}, timeout=60)
+            assert r.status == 206 and r.body == item.data[:10]
+            served += 1
+        closed = 0
+        for s in holders:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+    finally:
+        for s in holders:
+            s.close()
+    record("keepalive-holders", {"holders": HOLDERS, "served": served, "holders_closed": closed})
+    assert srv.proc.poll() is None
 
 
 # ---- 3. clients that stop reading ------------------------------------------------------------
