@@ -140,21 +140,34 @@ def _normal_clients(addr: Address, items: list[SoakItem], n: int, stop: threadin
         t.join(600)
 
 
-SLOWLORIS = 300  # below STREAM_MAX_CONNECTIONS (512): beyond it the kernel's backlog queues
-
-
+@pytest.mark.parametrize(
+    ("slowloris", "max_connections", "served_target"),
+    [
+        # Below STREAM_MAX_CONNECTIONS: normal clients get a slot at once.
+        (300, 512, 200),
+        # Twice the slots: every slot is a trickle most of the time, so normal clients wait in the
+        # listen queue until the header deadline frees one; they must still be served.
+        (100, 50, 20),
+    ],
+    ids=["below-the-limit", "saturating"],
+)
 def test_many_slowloris_clients_are_cut_off_while_normal_clients_are_served(
-    start_server, fresh_library: MediaLibrary
+    start_server, fresh_library: MediaLibrary, slowloris: int, max_connections: int, served_target: int
 ) -> None:
     items = soak_library(fresh_library, size=1024 * 1024)
-    srv: ServerProcess = start_server(fresh_library, LOG_LEVEL="info", STREAM_HEADER_TIMEOUT_SECONDS="2")
+    srv: ServerProcess = start_server(
+        fresh_library,
+        LOG_LEVEL="info",
+        STREAM_HEADER_TIMEOUT_SECONDS="2",
+        STREAM_MAX_CONNECTIONS=str(max_connections),
+    )
     counts: collections.Counter = collections.Counter()
     errors: list[str] = []
     stop = threading.Event()
-    attack = threading.Thread(target=_trickle_clients, args=(srv.tcp, SLOWLORIS, stop, counts), daemon=True)
+    attack = threading.Thread(target=_trickle_clients, args=(srv.tcp, slowloris, stop, counts), daemon=True)
     attack.start()
     # Let the attack reach full strength before the normal clients come.
-    wait_for(lambda: counts["connections"] >= SLOWLORIS, what="the slowloris connections")
+    wait_for(lambda: counts["connections"] >= slowloris, what="the slowloris connections")
     normal = threading.Thread(target=_normal_clients, args=(srv.tcp, items, 10, stop, counts, errors), daemon=True)
     normal.start()
     peak = {"threads": 0}
@@ -162,18 +175,28 @@ def test_many_slowloris_clients_are_cut_off_while_normal_clients_are_served(
     def enough() -> bool:
         peak["threads"] = max(peak["threads"], proc_status(srv.proc.pid)["Threads"])
         # Three generations of cut-off trickles, and normal traffic all along.
-        return counts["closed by server"] >= 3 * SLOWLORIS and counts["served local"] + counts["served blob"] >= 200
+        served = counts["served local"] + counts["served blob"]
+        return counts["closed by server"] >= 3 * slowloris and served >= served_target
 
     wait_for(enough, timeout=300, interval=0.2, what=f"slowloris rounds (so far {dict(counts)})")
     stop.set()
     attack.join(60)
     normal.join(180)
-    figures = {**counts, "errors": len(errors), "threads_peak": peak["threads"], "hwm_mib": hwm_mib(srv.proc.pid)}
+    figures = {
+        **counts,
+        "slowloris": slowloris,
+        "max_connections": max_connections,
+        "errors": len(errors),
+        "threads_peak": peak["threads"],
+        "hwm_mib": hwm_mib(srv.proc.pid),
+    }
     record("slowloris", figures)
     assert errors == [], errors[:10]
     assert counts["served local"] > 0 and counts["served blob"] > 0
     # The trickles were answered with 408 (not left hanging until they gave up).
-    assert counts["status 408"] >= SLOWLORIS
+    assert counts["status 408"] >= slowloris
+    # One thread per connection, never more than the limit (plus the main thread and a few).
+    assert peak["threads"] <= max_connections + 10
     assert srv.proc.poll() is None
     assert figures["hwm_mib"] < RSS_CEILING_MIB
 
