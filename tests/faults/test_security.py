@@ -23,6 +23,8 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 from inotify_simple import INotify, flags
 
+from agent.config import load as load_config
+from agent.stream.settings import load_settings, parse_peers, peer_allowed
 from tests.stream.support import Address, ServerProcess, request, wait_for
 from tests.support.azurite import Azurite
 from tests.support.media import make_content_addressed, make_media_roots, make_thumbnail, pseudo_random_bytes
@@ -123,6 +125,32 @@ def test_refused_peers_cost_no_thread_and_the_server_keeps_serving(start_server,
             s.close()
     # One line per burst, not one per connection: a scan cannot flood the journal.
     assert srv.log_text().count("refused a connection") < 10
+
+
+def test_the_allow_list_reads_mapped_ipv4_and_scoped_ipv6_peers(tmp_path: Path) -> None:
+    # Under systemd, ListenStream=<port> is dual-stack: IPv4 peers arrive as ::ffff:a.b.c.d.
+    roots = make_media_roots(tmp_path / "media")
+    values = {"MEDIA_ROOTS": f"audio={roots['audio']},video={roots['video']}"}
+    config = load_config(write_env(tmp_path / "agent.env", values), environ={})
+    default = load_settings(config).allowed_peers  # STREAM_ALLOWED_PEERS unset: the default
+    assert peer_allowed("::ffff:127.0.0.1", default) and peer_allowed("::1", default)
+    assert peer_allowed("::ffff:172.17.0.2", default) and peer_allowed("172.31.255.1", default)
+    assert not peer_allowed("::ffff:192.0.2.7", default) and not peer_allowed("10.0.0.1", default)
+    assert not peer_allowed("fe80::1%eth0", default) and not peer_allowed("not an address", default)
+    assert peer_allowed("fe80::1%eth0", parse_peers("fe80::/10")) and peer_allowed("203.0.113.9", parse_peers("any"))
+
+
+def test_a_bad_allow_list_is_a_configuration_error(tmp_path: Path, fresh_library: MediaLibrary) -> None:
+    config = write_env(tmp_path / "agent.env", fresh_library.config_values(STREAM_ALLOWED_PEERS="localhost, eth0"))
+    r = subprocess.run(
+        [*AGENT, "--config", str(config), "serve", "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=agent_env(),
+    )
+    assert r.returncode == 78, r.stderr
+    assert "STREAM_ALLOWED_PEERS" in r.stderr and "eth0" in r.stderr
 
 
 def test_the_socket_unit_lets_only_the_front_connect() -> None:
