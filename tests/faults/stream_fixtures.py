@@ -17,6 +17,7 @@ from tests.stream.conftest import (  # noqa: F401 - re-exported
     _library,
     fresh_library,
     library,
+    nginx_in_front,
     populate,
     server,
     start_server,
