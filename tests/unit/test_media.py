@@ -98,4 +98,3 @@ def test_blob_name_maps_back_to_the_local_path(config):
 )
 def test_content_types(name, ctype):
     assert content_type_for(name) == ctype
-
