@@ -35,7 +35,7 @@ from ..errors import EXIT_CONFIG, EXIT_OK, AgentError, ConfigError, ConfigErrors
 from ..notify import Notifier
 from .handler import ClientGone, Handler, Output, Stats, reject
 from .http import HttpError, parse_head
-from .settings import StreamSettings, load_settings
+from .settings import StreamSettings, load_settings, peer_allowed
 from .sources import BlobSource, LocalSource, Sources
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,10 @@ MAX_REQUEST_LINE = 8192
 # How long and how much a closing connection keeps reading (and discarding) client input.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 4 * 1024 * 1024
+# Refused peers are logged at most this often (with a count), so a scan cannot flood the journal.
+REFUSAL_LOG_INTERVAL = 60.0
+# Connection states (see StreamServer._conns).
+NEW, BUSY, IDLE = "new", "busy", "idle"
 
 
 class ListenError(AgentError):
@@ -207,9 +211,14 @@ class StreamServer:
         self.notifier = notifier or Notifier()
         self.stopping = False
         self._stop_reason = ""
-        self._conns: dict[socket.socket, bool] = {}  # connection -> busy with a request
+        # connection -> NEW (no request yet), BUSY (answering) or IDLE (kept alive between requests)
+        self._conns: dict[socket.socket, str] = {}
+        self._reclaiming: set[socket.socket] = set()  # idle connections closed to make room
         self._conns_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.refused_peers = 0
+        self._refusals_unlogged = 0
+        self._next_refusal_log = 0.0
 
     # -- signals and wake-ups ------------------------------------------------------------------
     def _wake(self) -> None:
@@ -255,6 +264,8 @@ class StreamServer:
                         break
                 finally:
                     self._set_busy(conn, False)
+                    if self.stats.connections >= self.settings.max_connections:
+                        self._wake()  # an idle connection may now make room for a waiting one
         except ClientGone:
             pass  # the client left while an answer was being written; nothing to tell anyone
         except Exception:
@@ -267,17 +278,18 @@ class StreamServer:
             _lingering_close(conn)
             with self._conns_lock:
                 self._conns.pop(conn, None)
+                self._reclaiming.discard(conn)
             self.stats.add(connections=-1)
             self._wake()
 
     def _set_busy(self, conn: socket.socket, busy: bool) -> None:
         with self._conns_lock:
             if conn in self._conns:
-                self._conns[conn] = busy
+                self._conns[conn] = BUSY if busy else IDLE
 
     def _accept(self, listener: socket.socket) -> bool:
         try:
-            conn, _addr = listener.accept()
+            conn, peer = listener.accept()
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as e:
@@ -285,13 +297,58 @@ class StreamServer:
             log.error("accept failed: %s", e)
             time.sleep(0.1)
             return False
+        if conn.family in (socket.AF_INET, socket.AF_INET6) and not peer_allowed(peer[0], self.settings.allowed_peers):
+            # Refused in the accept loop, before any byte is read and without a thread, so a
+            # flood of refused connections costs no more than its accept() calls.
+            conn.close()
+            self._refused(peer[0])
+            return True
         conn.setblocking(True)
         with self._conns_lock:
-            self._conns[conn] = False
+            self._conns[conn] = NEW
         self.stats.add(connections=1)
         thread = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True, name="stream-conn")
         thread.start()
         return True
+
+    def _refused(self, host: str) -> None:
+        self.refused_peers += 1
+        self._refusals_unlogged += 1
+        now = time.monotonic()
+        if now >= self._next_refusal_log:
+            log.warning(
+                "refused a connection from %s: not in STREAM_ALLOWED_PEERS (%d refused since the last "
+                "message); if this is the web front, add its address there and to the socket's IPAddressAllow=",
+                host,
+                self._refusals_unlogged,
+                extra={"fields": {"peer": host}},
+            )
+            self._refusals_unlogged = 0
+            self._next_refusal_log = now + REFUSAL_LOG_INTERVAL
+
+    def _can_reclaim(self) -> bool:
+        with self._conns_lock:
+            return not self._reclaiming and IDLE in self._conns.values()
+
+    def _reclaim_idle(self) -> None:
+        """Close the oldest kept-alive idle connection so that a waiting client gets its slot.
+
+        Otherwise clients that send a request now and then, just within the keep-alive timeout,
+        could hold every slot forever (the header deadline never applies to them) and lock new
+        clients out; nginx gives up idle keep-alive connections the same way when it runs out.
+        A request racing the close is retried by the front on a fresh connection (GET is
+        idempotent; nginx-locations.conf allows one such retry), as with any keep-alive close.
+        One at a time: the next waits until this one's thread has ended and freed its slot.
+        """
+        with self._conns_lock:
+            if self._reclaiming:
+                return
+            victim = next((c for c, state in self._conns.items() if state == IDLE), None)
+            if victim is None:
+                return
+            self._reclaiming.add(victim)
+        with contextlib.suppress(OSError):
+            victim.shutdown(socket.SHUT_RDWR)
 
     # -- status and watchdog -------------------------------------------------------------------
     def status_line(self) -> str:
@@ -332,8 +389,9 @@ class StreamServer:
             f"after {idle_exit:g}s" if idle_exit else "off",
         )
         while not self.stopping:
-            # Beyond the connection limit, stop accepting: the kernel queues the rest.
-            want = self.stats.connections < self.settings.max_connections
+            # Beyond the connection limit, stop accepting (the kernel queues the rest), unless a
+            # kept-alive idle connection can make room for a waiting one.
+            want = self.stats.connections < self.settings.max_connections or self._can_reclaim()
             if want != registered:
                 for sock in self.listeners:
                     if want:
@@ -351,6 +409,9 @@ class StreamServer:
                 if key.data is None:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                    continue
+                if self.stats.connections >= self.settings.max_connections:
+                    self._reclaim_idle()
                     continue
                 # Accept what is queued, up to the limit, before looking at the clock again.
                 while self.stats.connections < self.settings.max_connections and self._accept(key.data):
@@ -378,7 +439,7 @@ class StreamServer:
         deadline = time.monotonic() + self.settings.drain_seconds
         while True:
             with self._conns_lock:
-                idle = [c for c, busy in self._conns.items() if not busy]
+                idle = [c for c, state in self._conns.items() if state != BUSY]
                 busy = len(self._conns) - len(idle)
             # Idle keep-alive connections are closed now; running streams may finish.
             for conn in idle:

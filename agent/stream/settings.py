@@ -6,6 +6,7 @@ like every other configuration error (variable name, what was expected) and exit
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -13,6 +14,47 @@ from ..config import Config, Reader
 from ..errors import ConfigErrors
 
 _X_ACCEL_RE = re.compile(r"^/[A-Za-z0-9_/-]*[A-Za-z0-9_-]$")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# The same peers the shipped socket units let through: loopback (nginx on the host, IPAddressAllow=
+# localhost) and the Docker networks (GigHive's Apache container, units/examples tcp.conf and the
+# Ansible role's media_agent_stream_tcp_allow).
+DEFAULT_ALLOWED_PEERS = "localhost, 172.16.0.0/12"
+_LOCALHOST = ("127.0.0.0/8", "::1/128")
+
+
+def parse_peers(text: str) -> tuple[Network, ...] | None:
+    """Addresses and networks from a comma or space separated list; None for "any".
+    Raises ValueError naming the first bad entry."""
+    entries = [e for e in re.split(r"[,\s]+", text.strip()) if e]
+    if entries == ["any"]:
+        return None
+    networks: list[Network] = []
+    for entry in entries:
+        if entry == "localhost":
+            networks += [ipaddress.ip_network(n) for n in _LOCALHOST]
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an address, a network like 172.16.0.0/12, localhost or any") from None
+    if not networks:
+        raise ValueError("empty; use any to allow every TCP peer")
+    return tuple(networks)
+
+
+def peer_allowed(host: str, allowed: tuple[Network, ...] | None) -> bool:
+    """Whether a TCP peer address may talk to the server (None = any peer)."""
+    if allowed is None:
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in allowed)
 
 
 @dataclass(frozen=True)
@@ -58,6 +100,11 @@ class StreamSettings:
     retry_after_seconds: int = 5
     # How often STATUS= is refreshed while something changes.
     status_interval: float = 5.0
+    # TCP peers that may connect (None = any). The server has no authentication of its own, so
+    # it does not rely on the socket unit's IPAddressAllow= alone: that filter is not applied
+    # where systemd cannot attach BPF programs (it only warns), and --listen has no unit at all.
+    # Unix socket peers are left to the socket file's mode (SocketMode=0660, group www-data).
+    allowed_peers: tuple[Network, ...] | None = parse_peers(DEFAULT_ALLOWED_PEERS)
 
     @property
     def immutable_cache_control(self) -> str:
@@ -78,6 +125,12 @@ def load_settings(config: Config) -> StreamSettings:
     if prefix is not None and not _X_ACCEL_RE.match(prefix):
         r.fail("STREAM_X_ACCEL_PREFIX", f"{prefix!r} is not a location path like /_gighive_media_internal")
         prefix = None
+    peers_text = r.raw("STREAM_ALLOWED_PEERS") or DEFAULT_ALLOWED_PEERS
+    try:
+        allowed_peers = parse_peers(peers_text)
+    except ValueError as e:
+        r.fail("STREAM_ALLOWED_PEERS", str(e))
+        allowed_peers = ()
     settings = StreamSettings(
         idle_exit_seconds=float(num("STREAM_IDLE_EXIT_SECONDS", 300.0, 0.0, 7 * 86400.0)),
         max_connections=int(num("STREAM_MAX_CONNECTIONS", 512, 1, 10000, integer=True)),
@@ -99,6 +152,7 @@ def load_settings(config: Config) -> StreamSettings:
         max_ranges=int(num("STREAM_MAX_RANGES", 16, 1, 1000, integer=True)),
         retry_after_seconds=int(num("STREAM_RETRY_AFTER_SECONDS", 5, 0, 3600, integer=True)),
         status_interval=float(num("STREAM_STATUS_INTERVAL_SECONDS", 5.0, 0.1, 3600.0)),
+        allowed_peers=allowed_peers,
     )
     if settings.first_chunk_size > settings.chunk_size:
         r.fail("STREAM_FIRST_CHUNK_SIZE", f"{settings.first_chunk_size} is above STREAM_CHUNK_SIZE")
