@@ -7,6 +7,7 @@ run, holding the queue lock, knows nobody else is and puts such rows back to `pe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
@@ -105,6 +106,11 @@ class StateStore:
             return
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            # File paths and errors are nobody else's business, whatever the umask (systemd's
+            # StateDirectory= is 0750, a shell's umask is often 022); SQLite gives its -wal and
+            # -shm files the database's mode.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")

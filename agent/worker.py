@@ -31,6 +31,7 @@ from .scan import ScanReport, classify, walk, walk_root
 from .state import POINTER_DONE, POINTER_NONE, POINTER_PENDING, FileRecord, StateStore
 from .storage import Listed, StoreUnavailable
 from .storage.azure_blob import AzureBlobStore
+from .stream.urls import media_file_for_target
 from .transfer import Transfer, TransferResult
 
 log = logging.getLogger(__name__)
@@ -412,6 +413,12 @@ class Worker:
         ):
             return  # the DB does not point at the blob yet: the local copy is still the truth
         if self.outage is not None:
+            return
+        if media_file_for_target(self.config, "/" + blob_name) is None:
+            # Only names the stream server answers (`<sha256>.<ext>`, `thumbnails/<sha256>.png` in
+            # content-addressed roots) can be served from Blob; deleting any other file would
+            # make it unreachable through the site, so its local copy stays.
+            log.debug("keeping local copy of %s: not a URL the stream server serves", blob_name)
             return
         fields = {"blob_name": blob_name, "sha256": rec.sha256}
         try:

@@ -586,6 +586,10 @@ def test_local_deletion_removes_only_uploaded_files(tmp_path: Path, azurite: Azu
         for key in ("video", "audio", "thumb"):
             name = str(files[key].relative_to(top))
             assert served.get(name) == 200, served
+        # Every file deleted locally is still reachable through the site; a file the stream
+        # server does not serve (not a media URL) keeps its local copy.
+        assert set(served.values()) == {200}, served
+        assert (setup.roots["video"] / "incoming" / "upload.bin").exists()
     finally:
         srv.stop()
     record("media-delete", {"removed": sorted(removed), "events": len(events), "kept": len(after), "served": served})
