@@ -26,7 +26,7 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline.transport import RequestsTransport
 from azure.core.rest import HttpRequest
-from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry
+from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry, LinearRetry
 
 from ..config import Config
 from . import Listed, ObjectChanged, ObjectInfo, ObjectNotFound, StoreUnavailable
@@ -95,7 +95,7 @@ _NETWORK_PATTERNS = (
 
 
 class AzureBlobStore:
-    def __init__(self, config: Config, pool_size: int | None = None):
+    def __init__(self, config: Config, pool_size: int | None = None, interactive: bool = False):
         self.config = config
         self.container_name = config.container or ""
         # requests keeps 10 connections per host by default; with several files and several
@@ -119,7 +119,13 @@ class AzureBlobStore:
         transport = RequestsTransport(session=session, session_owner=False, **transport_kwargs)
         # Short in-request retries: the upload queue owns the long backoff across runs, and a
         # stream request must not hang for the SDK's default 15 s + 18 s + 24 s: about 3 s here.
-        retry = ExponentialRetry(initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=0.5)
+        retry: ExponentialRetry | LinearRetry = ExponentialRetry(
+            initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=0.5
+        )
+        if interactive:
+            # The stream server: a viewer is waiting, and a thread is held; the SDK's exponential
+            # formula waits 2.5 s before even the first retry. One quick retry, then 502.
+            retry = LinearRetry(backoff=0.3, random_jitter_range=0.2, retry_total=1)
         common: dict[str, Any] = {
             "transport": transport,
             "retry_policy": retry,

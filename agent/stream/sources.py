@@ -384,7 +384,7 @@ class BlobSource:
         self.settings = settings
         # One pooled connection per concurrent stream, or connections would be opened and
         # thrown away on every request once more streams run than the pool holds.
-        self.store = store or AzureBlobStore(config, pool_size=settings.max_connections + 8)
+        self.store = store or AzureBlobStore(config, pool_size=settings.max_connections + 8, interactive=True)
         self.cache = _StatCache(settings.stat_cache_seconds, settings.stat_cache_entries)
         # Per request: a stream must fail fast (and say so) rather than sit in the SDK's backoff.
         self._request_options = {

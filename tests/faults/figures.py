@@ -1,4 +1,4 @@
-"""Figures a fault test measured (counts, status distribution, RSS), for docs/reliability-stream.md.
+"""Figures a fault test measured (counts, status distribution, RSS), for docs/reliability.md.
 
 Printed (pytest -s shows them) and, with GIGHIVE_FAULTS_FIGURES=<file>, appended to that file as
 one JSON object per line, so a run's figures can be collected without scraping output.
