@@ -462,18 +462,20 @@ class Worker:
             self.state.set_pointer(blob_name, POINTER_PENDING)
             self._flip_pointer(blob_name, report)
 
-    def evict_ready(self) -> RunReport:
+    def evict_ready(self, roots: Collection[str] | None = None) -> RunReport:
         report = RunReport()
         if not self.config.delete_local:
             return report
         for rec in self.state.eviction_candidates():
-            self._evict(rec.blob_name, report)
+            if roots is None or rec.root in roots:
+                self._evict(rec.blob_name, report)
         return report
 
-    def housekeeping(self) -> RunReport:
-        """Pointer flips that failed earlier, then evictions that were waiting for them."""
+    def housekeeping(self, roots: Collection[str] | None = None) -> RunReport:
+        """Pointer flips that failed earlier, then evictions that were waiting for them
+        (only under `roots` when given: `migrate --root audio --evict-local` leaves video alone)."""
         report = self.flip_pending_pointers()
-        report.add(self.evict_ready())
+        report.add(self.evict_ready(roots))
         return report
 
 

@@ -258,7 +258,7 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         del due
         report = RunReport()
         try:
-            report.add(worker.housekeeping())
+            report.add(worker.housekeeping(names))
             report.add(
                 worker.run_due(
                     include_failed=True,
@@ -269,7 +269,7 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
                     ),
                 )
             )
-            report.add(worker.housekeeping())
+            report.add(worker.housekeeping(names))
         finally:
             progress.close()
         worker.listing = None

@@ -234,19 +234,22 @@ def test_evict_local_then_to_local_gives_back_a_byte_identical_library(
     h = db_harness
     files = build_library(media_roots)
     original = content_tree(media_roots)
+    # audio/README.txt is not a URL the site serves, so it is uploaded but never evicted.
+    kept = {"audio/README.txt"}
+    evictable = [n for n in files if n not in kept]
     r = h.cli_json("migrate", "--evict-local")
-    assert r["evicted"] == len(files) and r["complete"], r
-    assert content_tree(media_roots) == {}
+    assert r["evicted"] == len(evictable) and r["complete"], r
+    assert set(content_tree(media_roots)) == kept
     ptr = pointer_rows(media_db)
-    assert all(v[0] == "azure_blob" and v[4] == 0 for v in ptr.values())
-    assert h.cli_json("status")["counts"]["evicted"] == len(files)
+    assert all(v[0] == "azure_blob" and v[4] == (1 if n in kept else 0) for n, v in ptr.items())
+    assert h.cli_json("status")["counts"]["evicted"] == len(evictable)
 
     plan = h.cli_json("migrate", "--to-local", "--dry-run")
-    assert plan["evicted"] == len(files) and plan["bytes"] == sum(len(b) for b in files.values())
-    assert content_tree(media_roots) == {}
+    assert plan["evicted"] == len(evictable) and plan["bytes"] == sum(len(files[n]) for n in evictable)
+    assert set(content_tree(media_roots)) == kept
 
     back = h.cli_json("migrate", "--to-local")
-    assert back["complete"] is True and back["restored"] == len(files), back
+    assert back["complete"] is True and back["restored"] == len(evictable), back
     assert content_tree(media_roots) == original
     for name in files:
         assert oct(local_path(media_roots, name).stat().st_mode & 0o777) == oct(0o644)
@@ -260,7 +263,7 @@ def test_evict_local_then_to_local_gives_back_a_byte_identical_library(
 def test_to_local_refuses_a_blob_that_is_not_the_recorded_file(harness: Harness, media_roots) -> None:
     files = build_library(media_roots, small=3, large=0)
     harness.cli("migrate", "--evict-local", check=True)
-    victim = sorted(files)[0]
+    victim = sorted(n for n in files if n != "audio/README.txt")[0]
     c = container_client(
         harness.settings["AZURE_STORAGE_CONNECTION_STRING"], harness.settings["AZURE_STORAGE_CONTAINER_NAME"]
     )
@@ -383,3 +386,13 @@ def test_migrate_under_systemd_sends_status_and_journal_progress_lines(harness: 
     progress_lines = [line for line in proc.stderr.splitlines() if " migrate: " in line and "ETA" in line]
     assert progress_lines, proc.stderr
     assert "\r" not in proc.stderr  # no bar drawn into the journal
+
+
+def test_evict_local_under_one_root_leaves_the_other_root_alone(harness: Harness, media_roots) -> None:
+    files = build_library(media_roots, small=6, large=0)
+    harness.cli("migrate", check=True)
+    r = harness.cli_json("migrate", "--root", "audio", "--evict-local")
+    audio = [n for n in files if n.startswith("audio/") and n != "audio/README.txt"]
+    assert r["evicted"] == len(audio), r
+    assert all(local_path(media_roots, n).exists() for n in files if n.startswith("video/"))
+    assert local_path(media_roots, "audio/README.txt").exists()  # not a URL the site serves: kept
