@@ -57,12 +57,12 @@ from upload_vs_rclone import (  # noqa: E402
     ResourceTypes,
     generate_account_sas,
     machine_busy_s,
-    measure,
     process_cpu_s,
 )
 
 from tests.support.azurite import Azurite  # noqa: E402
 from tests.support.mariadb import MariaDB  # noqa: E402
+from tests.support.rusage import measure  # noqa: E402
 
 MiB = 1024 * 1024
 

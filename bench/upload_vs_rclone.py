@@ -53,6 +53,7 @@ from azure.storage.blob import (  # noqa: E402
 )
 
 from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME, Azurite  # noqa: E402
+from tests.support.rusage import measure  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -233,52 +234,6 @@ def wait_for_quiet(max_wait: float, threshold_cores: float, window: float = 2.0)
         waited = time.monotonic() - start
         if busy_cores <= threshold_cores or waited >= max_wait:
             return waited
-
-
-# On Linux a child's ru_maxrss starts from the RSS of the process that forked it (exec keeps the
-# old mm's high-water mark in signal->maxrss), and subprocess uses vfork, so a tool started straight
-# from this process would report at least this process's own peak (~60 MiB with the Azure SDK and
-# the data generation). A small launcher (python -I -S, ~10 MiB) forks the tool instead, waits for
-# it with os.wait4 and reports that child's rusage; the floor is then the launcher's ~10 MiB, well
-# under what either tool uses.
-_LAUNCHER = r"""
-import json, os, sys, time
-argv, log = json.loads(sys.argv[1]), sys.argv[2]
-out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-null = os.open(os.devnull, os.O_RDONLY)
-t0 = time.monotonic()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.dup2(null, 0); os.dup2(out, 1); os.dup2(out, 2)
-        os.execvp(argv[0], argv)
-    finally:
-        os._exit(127)
-_, status, ru = os.wait4(pid, 0)
-wall = time.monotonic() - t0
-print(json.dumps({"wall": wall, "utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kib": ru.ru_maxrss,
-                  "exit": os.waitstatus_to_exitcode(status)}))
-"""
-
-
-@dataclass
-class Usage:
-    wall: float
-    utime: float
-    stime: float
-    maxrss_kib: int
-    exit: int
-
-
-def measure(argv: list[str], env: dict[str, str], log_path: Path) -> Usage:
-    """Run argv through the launcher; wall time, CPU and peak RSS of that child alone."""
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(argv), str(log_path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        check=True,
-    )
-    return Usage(**json.loads(done.stdout))
 
 
 def launcher_floor_mib(work: Path) -> float:
