@@ -8,6 +8,7 @@ staged blocks, a transactional MD5 it computed once per block, and a bounded amo
 from __future__ import annotations
 
 import base64
+import io
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -220,29 +221,22 @@ class AzureBlobStore:
             body = response.read()
             if response.status_code != 200:
                 raise _listing_error(response.status_code, body)
+            # Parsed as a stream, each <Blob> dropped once read: a whole 5,000-entry page as a
+            # tree is ~40 MiB, and listings run several at a time.
+            marker = ""
             try:
                 # The SDK parses every answer with this same parser; expat >= 2.4 caps entity
                 # expansion, and the body comes from the storage endpoint over TLS.
-                root = ET.fromstring(body)  # noqa: S314
+                for _event, elem in ET.iterparse(io.BytesIO(body), events=("end",)):  # noqa: S314
+                    if elem.tag == "Blob":
+                        entry = _listed(elem)
+                        elem.clear()
+                        if entry is not None:
+                            yield entry
+                    elif elem.tag == "NextMarker":
+                        marker = elem.text or ""
             except ET.ParseError as e:
                 raise StoreUnavailable(f"List Blobs answered malformed XML: {e}", outage=False) from e
-            for blob in root.iter("Blob"):
-                props = blob.find("Properties")
-                if props is None:
-                    continue
-                md5 = props.findtext("Content-MD5")
-                etag = props.findtext("Etag") or ""
-                yield (
-                    blob.findtext("Name") or "",
-                    Listed(
-                        size=int(props.findtext("Content-Length") or 0),
-                        # HEAD answers the ETag quoted, a listing does not: keep one form.
-                        etag=etag if etag.startswith('"') else f'"{etag}"',
-                        content_md5=base64.b64decode(md5) if md5 else None,
-                        sha256=blob.findtext(f"Metadata/{SHA256_METADATA_KEY}"),
-                    ),
-                )
-            marker = root.findtext("NextMarker") or ""
             if not marker:
                 return
 
@@ -320,6 +314,24 @@ class AzureBlobStore:
             self._call(lambda: self.blob(name).delete_blob(**kwargs))
         except ResourceNotFoundError:
             return
+
+
+def _listed(blob: ET.Element) -> tuple[str, Listed] | None:
+    props = blob.find("Properties")
+    if props is None:
+        return None
+    md5 = props.findtext("Content-MD5")
+    etag = props.findtext("Etag") or ""
+    return (
+        blob.findtext("Name") or "",
+        Listed(
+            size=int(props.findtext("Content-Length") or 0),
+            # HEAD answers the ETag quoted, a listing does not: keep one form.
+            etag=etag if etag.startswith('"') else f'"{etag}"',
+            content_md5=base64.b64decode(md5) if md5 else None,
+            sha256=blob.findtext(f"Metadata/{SHA256_METADATA_KEY}"),
+        ),
+    )
 
 
 def _listing_error(status: int, body: bytes) -> StoreUnavailable:
