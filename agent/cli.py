@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the way back: download every evicted file, verify it, and flip the DB pointers to local",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --to-local: say whether switching the backend to local is safe now, from every witness "
+        "(state, container listing, DB pointers, assets); changes nothing; exit 0 safe, 1 not safe, 69 unavailable",
+    )
     p.add_argument("--root", action="append", default=[], metavar="NAME", help="only this media root (repeatable)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="process at most N files in this run")
     p.add_argument(
@@ -136,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-orphans", action="store_true", help="delete orphan blobs (no local file, no assets row); needs --yes"
     )
     p.add_argument("--yes", action="store_true", help="confirm --prune-orphans")
+    p.add_argument(
+        "--accept-assets-shrink",
+        action="store_true",
+        help="GigHive's assets table lost many rows since the agent last read it, on purpose: trust it anyway",
+    )
     sub.add_parser(
         "doctor",
         help=COMMANDS["doctor"],
@@ -186,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("reconcile --prune-orphans deletes blobs: add --yes to confirm (try --dry-run first)")
     if args.command == "migrate" and args.to_local and args.evict_local:
         parser.error("migrate: --to-local and --evict-local contradict each other")
+    if args.command == "migrate" and args.check and not args.to_local:
+        parser.error("migrate: --check goes with --to-local (is switching the backend to local safe?)")
     as_json = getattr(args, "json", False)
     config_path = getattr(args, "config", None)
     # Until the config is read, log to stderr at info so config errors are visible.
@@ -248,6 +261,7 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
         opts = migrate.Options(
             dry_run=args.dry_run,
             to_local=args.to_local,
+            check=args.check,
             roots=tuple(args.root),
             limit=args.limit,
             concurrency=args.concurrency,
@@ -266,7 +280,13 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
         from .actions import migrate, reconcile
 
         roots = migrate.select_roots(config, tuple(args.root))
-        return reconcile.run(config, roots, prune_orphans=args.prune_orphans, dry_run=args.dry_run)
+        return reconcile.run(
+            config,
+            roots,
+            prune_orphans=args.prune_orphans,
+            dry_run=args.dry_run,
+            accept_assets_shrink=args.accept_assets_shrink,
+        )
     if command in ("upload", "retry") and not config.is_azure:
         log.info("MEDIA_STORAGE_BACKEND=local: media stays on local disk, nothing to upload")
         return {"backend": "local", "note": "nothing to do"}, EXIT_OK

@@ -39,7 +39,9 @@ def queue_worker(config: Config, wait_for_lock: bool) -> Iterator[Worker]:
             log.warning("%d file(s) were left mid-upload by an interrupted run; queued again", repaired)
         pointer_db = PointerDB(config.mysql) if config.mysql else None
         store = AzureBlobStore(config)
-        yield Worker(config, state, store, pointer_db, Notifier())
+        worker = Worker(config, state, store, pointer_db, Notifier())
+        worker.recover()
+        yield worker
     finally:
         if pointer_db is not None:
             pointer_db.close()

@@ -239,6 +239,14 @@ class PointerDB:
         )
         return {r[0]: Location(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8])) for r in rows}
 
+    def count_blob_pointers(self) -> int:
+        return int(self._execute(f"SELECT COUNT(*) FROM `{TABLE}` WHERE provider = 'azure_blob'")[0][0])
+
+    def blob_pointer_etags(self) -> dict[str, str | None]:
+        return {
+            r[0]: r[1] for r in self._execute(f"SELECT media_path, etag FROM `{TABLE}` WHERE provider = 'azure_blob'")
+        }
+
     def delete_location(self, media_path: str) -> None:
         self._execute(f"DELETE FROM `{TABLE}` WHERE media_path = %s", (media_path,))
 

@@ -53,6 +53,16 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_by_state ON files (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS files_by_pointer ON files (pointer);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- A destructive step in progress (agent.safety): written, and fsynced, before the step starts, so
+-- the next run can finish or undo whatever a kill or a power cut interrupted.
+CREATE TABLE IF NOT EXISTS intents (
+    blob_name   TEXT PRIMARY KEY,
+    action      TEXT NOT NULL CHECK (action IN ('evict')),
+    path        TEXT NOT NULL,
+    aside       TEXT NOT NULL,
+    inode       INTEGER NOT NULL,
+    created_at  REAL NOT NULL
+);
 """
 
 
@@ -114,9 +124,10 @@ class StateStore:
             self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a killed process (the case that matters here); a power
-            # cut may lose the last transactions, and every state is rebuilt by the next scan and
-            # the blob's own properties, so full fsync per transition buys nothing.
+            # NORMAL in WAL mode survives a killed process; a power cut may lose the newest
+            # transactions. That is acceptable for every transition except the ones a destructive
+            # step depends on: those commit through durable() (synchronous=FULL), whose fsync of
+            # the WAL also makes every earlier commit (the "uploaded" record among them) durable.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.executescript(_SCHEMA)
@@ -164,6 +175,25 @@ class StateStore:
             except BaseException:
                 self._rollback()
                 raise
+
+    @contextmanager
+    def durable(self) -> Iterator[sqlite3.Connection]:
+        """A transaction that is on stable storage when it returns (WAL fsynced at commit).
+
+        Used for what must survive a power cut: the intent written before a local file is
+        deleted, and the record that it was. synchronous can only change outside a transaction.
+        """
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error as e:
+                raise StateError(f"state database {self.path}: {e}") from e
+            try:
+                with self._tx() as db:
+                    yield db
+            finally:
+                with suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA synchronous=NORMAL")
 
     def _rollback(self) -> None:
         with suppress(sqlite3.Error):
@@ -246,6 +276,10 @@ class StateStore:
     def next_due_time(self) -> float | None:
         rows = self._query("SELECT MIN(next_attempt_at) AS t FROM files WHERE state IN ('pending','failed')")
         return rows[0]["t"] if rows else None
+
+    def pointer_done_names(self) -> dict[str, str]:
+        """blob_name -> etag of every row whose DB pointer the agent wrote."""
+        return {r[0]: r[1] for r in self._query("SELECT blob_name, etag FROM files WHERE pointer = 'done'")}
 
     def pointer_pending(self) -> list[FileRecord]:
         return [FileRecord(**r) for r in self._query("SELECT * FROM files WHERE pointer = 'pending'")]
@@ -363,7 +397,9 @@ class StateStore:
             )
 
     def mark_failed(self, blob_name: str, error: str, policy: RetryPolicy, rng: random.Random | None = None) -> str:
-        """Count a failed attempt; returns the new state ('failed' or 'dead')."""
+        """Count a failed attempt that belongs to this file; returns the new state ('failed' or 'dead').
+
+        A failure of the service itself (an outage) is not the file's: see wait_out_outage()."""
         now = time.time()
         with self._tx() as db:
             row = db.execute("SELECT attempts FROM files WHERE blob_name = ?", (blob_name,)).fetchone()
@@ -376,6 +412,25 @@ class StateStore:
                 (state, attempts, next_at, error[:2000], now, blob_name),
             )
             return state
+
+    def wait_out_outage(self, blob_name: str, error: str, until: float) -> None:
+        """The service was unusable while this file was tried: due again at `until`, and its
+        attempts untouched, so a weekend outage never turns a file `dead`."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = CASE WHEN state = 'uploading' THEN 'pending' ELSE state END, "
+                "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE blob_name = ?",
+                (until, f"Azure Blob unusable: {error}"[:2000], time.time(), blob_name),
+            )
+
+    def postpone_due(self, until: float) -> int:
+        """Every queued file waits for the outage's next try instead of one request per file."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE files SET next_attempt_at = ?, updated_at = ? "
+                "WHERE state IN ('pending','failed') AND next_attempt_at < ?",
+                (until, time.time(), until),
+            ).rowcount
 
     def mark_quarantined(self, blob_name: str, error: str, sha256: str | None = None) -> None:
         with self._tx() as db:
@@ -399,8 +454,81 @@ class StateStore:
                 (time.time(), blob_name),
             )
 
+    # ---- destructive steps (agent.safety is the only caller) --------------------------------
+
+    def begin_eviction(self, blob_name: str, path: str, aside: str, inode: int) -> None:
+        with self.durable() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO intents (blob_name, action, path, aside, inode, created_at) "
+                "VALUES (?, 'evict', ?, ?, ?, ?)",
+                (blob_name, path, aside, inode, time.time()),
+            )
+
+    def finish_eviction(self, blob_name: str, pointer: str) -> None:
+        """The local copy is gone: record it (durably) and drop the intent in one transaction."""
+        with self.durable() as db:
+            db.execute(
+                "UPDATE files SET state = 'evicted', local_copy = 0, pointer = ?, updated_at = ? WHERE blob_name = ?",
+                (pointer, time.time(), blob_name),
+            )
+            db.execute("DELETE FROM intents WHERE blob_name = ?", (blob_name,))
+
+    def drop_intent(self, blob_name: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM intents WHERE blob_name = ?", (blob_name,))
+
+    def intents(self) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM intents ORDER BY created_at")
+
+    def adopt_blob(
+        self,
+        blob_name: str,
+        root: str,
+        path: str,
+        *,
+        size: int,
+        sha256: str,
+        md5: str | None,
+        etag: str,
+        pointer: str,
+        local: os.stat_result | None = None,
+    ) -> None:
+        """A row rebuilt from the container (state lost, or a commit a power cut took): the blob
+        is a verified copy, and without `local` it is the only one, so the row says `evicted`."""
+        now = time.time()
+        state, local_copy = ("uploaded", 1) if local is not None else ("evicted", 0)
+        with self.durable() as db:
+            db.execute(
+                "INSERT INTO files (blob_name, root, path, size, mtime_ns, inode, sha256, md5, state, etag, "
+                "uploaded_at, verified_at, pointer, local_copy, created_at, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (blob_name) DO UPDATE SET "
+                "size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode, "
+                "sha256 = excluded.sha256, md5 = excluded.md5, state = excluded.state, etag = excluded.etag, "
+                "verified_at = excluded.verified_at, pointer = excluded.pointer, local_copy = excluded.local_copy, "
+                "attempts = 0, last_error = NULL, updated_at = excluded.updated_at",
+                (
+                    blob_name,
+                    root,
+                    path,
+                    size,
+                    local.st_mtime_ns if local is not None else None,
+                    local.st_ino if local is not None else None,
+                    sha256,
+                    md5,
+                    state,
+                    etag,
+                    now,
+                    now,
+                    pointer,
+                    local_copy,
+                    now,
+                    now,
+                ),
+            )
+
     def forget(self, blob_name: str) -> None:
-        """The file vanished before it was uploaded: nothing to keep track of."""
+        """The file vanished before it was uploaded: nothing to keep track of. Callers go
+        through agent.safety, which first makes sure no blob holds it (a lost commit)."""
         with self._tx() as db:
             db.execute("DELETE FROM files WHERE blob_name = ? AND state IN ('pending','failed')", (blob_name,))
 
@@ -437,9 +565,13 @@ class StateStore:
         with self._tx() as db:
             return db.execute(sql, args).rowcount
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self._tx() as db:
+    def set_meta(self, key: str, value: str, durable: bool = False) -> None:
+        with self.durable() if durable else self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def delete_meta(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (key,))
 
     def get_meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))

@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_c
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import safety
 from .config import Config
 from .errors import ContentMismatch, FileRejected, Interrupted, StateError, VerificationFailed
 from .media import MediaFile, media_file_for_blob, media_file_for_path, name_problem
@@ -28,7 +29,7 @@ from .notify import Notifier
 from .pointer import PointerDB, PointerUnavailable
 from .ratelimit import RateLimiter
 from .scan import ScanReport, classify, walk, walk_root
-from .state import POINTER_DONE, POINTER_NONE, POINTER_PENDING, FileRecord, StateStore
+from .state import POINTER_DONE, POINTER_NONE, POINTER_PENDING, FileRecord, StateStore, backoff_delay
 from .storage import Listed, StoreUnavailable
 from .storage.azure_blob import AzureBlobStore
 from .stream.urls import media_file_for_target
@@ -104,6 +105,15 @@ class Worker:
         # What a container listing said is stored under each name (migrate sets it): lets the
         # transfer skip files already in Blob without asking the service about each one.
         self.listing: dict[str, Listed] | None = None
+        self.witnesses = safety.Witnesses(config, state, store, pointer_db, self._db_lock)
+        # `migrate --to-local` ran: no eviction, no pointer to Blob. Only a run holding the queue
+        # lock changes it, so it cannot change under this run except through this object.
+        self.hold = safety.held(state)
+        self._outage_cleared = False
+
+    def recover(self) -> int:
+        """Settle what a killed run left half-done: interrupted evictions first (agent.safety)."""
+        return safety.recover(self.witnesses)
 
     # ---- finding work ----------------------------------------------------------------------
 
@@ -228,9 +238,7 @@ class Worker:
         try:
             st = os.lstat(mf.path)
         except FileNotFoundError:
-            self.state.forget(rec.blob_name)
-            report.vanished += 1
-            log.info("file vanished before upload: %s", rec.blob_name, extra={"fields": fields})
+            self._vanished(rec, report, fields)
             return report
         except OSError as e:
             self._fail(rec, f"cannot stat {mf.path}: {e.strerror}", report, fields)
@@ -275,18 +283,17 @@ class Worker:
             log.info("deferred %s: %s", rec.blob_name, e, extra={"fields": fields})
             return report
         except FileNotFoundError:
-            self.state.forget(rec.blob_name)
-            report.vanished += 1
+            self._vanished(rec, report, fields)
             return report
-        except (StoreUnavailable, VerificationFailed, OSError) as e:
+        except StoreUnavailable as e:
+            if e.outage:
+                self._outage(rec, str(e), report)
+            else:
+                self._fail(rec, str(e), report, fields)
+            return report
+        except (VerificationFailed, OSError) as e:
             text = str(e) if not isinstance(e, OSError) else f"cannot read {mf.path}: {e.strerror or e}"
             self._fail(rec, text, report, fields)
-            if isinstance(e, StoreUnavailable) and e.outage and self.outage is None:
-                self.outage = text
-                log.error(
-                    "Azure Blob is unusable (%s); the remaining files stay local and queued for the retry timer",
-                    text,
-                )
             return report
         except StateError:
             raise
@@ -297,6 +304,36 @@ class Worker:
 
         self._record_success(mf, rec, result, report, fields)
         return report
+
+    def _vanished(self, rec: FileRecord, report: RunReport, fields: dict) -> None:
+        try:
+            verdict = safety.settle_vanished(self.witnesses, rec)
+        except StoreUnavailable as e:  # pragma: no cover - settle_vanished handles it
+            verdict = f"kept ({e})"
+        report.vanished += 1
+        log.info("file vanished before upload: %s (%s)", rec.blob_name, verdict, extra={"fields": fields})
+
+    def _outage(self, rec: FileRecord, error: str, report: RunReport) -> None:
+        """The service is unusable: the file waits with its attempts untouched, and the whole
+        queue backs off (runs of an outage, not attempts of a file, drive the delay)."""
+        with self._progress_lock:
+            first = self.outage is None
+            if first:
+                self.outage = error
+        if first:
+            prior = safety.outage_since(self.state) or {}
+            next_try = time.time() + backoff_delay(int(prior.get("runs", 0)) + 1, self.config.retry)
+            safety.record_outage(self.state, error, next_try)
+            self.state.postpone_due(next_try)
+            log.error(
+                "Azure Blob is unusable (%s); the remaining files stay local and queued, next try in %.0f s",
+                error,
+                next_try - time.time(),
+            )
+        outage = safety.outage_since(self.state) or {}
+        self.state.wait_out_outage(rec.blob_name, error, float(outage.get("next_try", time.time())))
+        report.held_back += 1
+        report.errors.append({"blob_name": rec.blob_name, "error": f"outage: {error}"})
 
     def _fail(self, rec: FileRecord, error: str, report: RunReport, fields: dict) -> None:
         new_state = self.state.mark_failed(rec.blob_name, error, self.config.retry)
@@ -319,6 +356,9 @@ class Worker:
         self, mf: MediaFile, rec: FileRecord, result: TransferResult, report: RunReport, fields: dict
     ) -> None:
         now = time.time()
+        if not self._outage_cleared:
+            self._outage_cleared = True
+            safety.clear_outage(self.state)
         pointer = POINTER_PENDING if self.pointer_db is not None else POINTER_NONE
         self.state.mark_uploaded(
             rec.blob_name,
@@ -367,6 +407,8 @@ class Worker:
         mf = media_file_for_blob(self.config, blob_name)
         if rec is None or mf is None or self.pointer_db is None or rec.sha256 is None:
             return False
+        if self.hold is not None:
+            return False  # after `migrate --to-local` the DB keeps pointing at the local files
         try:
             with self._db_lock:
                 self.pointer_db.record_blob(
@@ -396,7 +438,7 @@ class Worker:
 
     def flip_pending_pointers(self) -> RunReport:
         report = RunReport()
-        if self.pointer_db is None:
+        if self.pointer_db is None or self.hold is not None:
             return report
         for rec in self.state.pointer_pending():
             if not self._flip_pointer(rec.blob_name, report):
@@ -405,8 +447,7 @@ class Worker:
 
     def _evict(self, blob_name: str, report: RunReport) -> None:
         rec = self.state.get(blob_name)
-        mf = media_file_for_blob(self.config, blob_name)
-        if rec is None or mf is None or rec.state != "uploaded" or not rec.local_copy:
+        if rec is None or rec.state != "uploaded" or not rec.local_copy or self.hold is not None:
             return
         if rec.pointer not in (POINTER_DONE, POINTER_NONE) or (
             rec.pointer == POINTER_NONE and self.pointer_db is not None
@@ -421,45 +462,19 @@ class Worker:
             log.debug("keeping local copy of %s: not a URL the stream server serves", blob_name)
             return
         fields = {"blob_name": blob_name, "sha256": rec.sha256}
-        try:
-            st = os.lstat(mf.path)
-        except FileNotFoundError:
-            st = None
-        if st is not None and (st.st_size, st.st_mtime_ns, st.st_ino) != (rec.size, rec.mtime_ns, rec.inode):
-            log.warning("not deleting %s: it changed since it was verified", mf.path, extra={"fields": fields})
+        outcome = safety.evict(self.witnesses, rec)
+        if outcome.outage is not None:
+            self.outage = outcome.outage
+        if not outcome.evicted:
+            if outcome.requeue:
+                log.error("not deleting %s: %s; queued again", rec.path, outcome.reason, extra={"fields": fields})
+                self.state.requeue(["uploaded"], [blob_name])
+            else:
+                log.warning("not deleting %s: %s", rec.path, outcome.reason, extra={"fields": fields})
             return
-        # The blob must still be the one that was verified: someone may have deleted or replaced it.
-        try:
-            info = self.store.stat(blob_name)
-        except StoreUnavailable as e:
-            log.warning("not deleting %s yet: cannot confirm its blob: %s", mf.path, e, extra={"fields": fields})
-            if e.outage:
-                self.outage = str(e)
-            return
-        if info is None or info.etag != rec.etag or info.size != rec.size or info.sha256 != rec.sha256:
-            log.error(
-                "not deleting %s: its blob is missing or differs from the verified one; queued again",
-                mf.path,
-                extra={"fields": fields},
-            )
-            self.state.requeue(["uploaded"], [blob_name])
-            return
-        if st is not None:
-            try:
-                os.unlink(mf.path)
-            except OSError as e:
-                log.warning(
-                    "cannot delete local copy %s: %s (DELETE_LOCAL_AFTER_UPLOAD needs write access to its directory)",
-                    mf.path,
-                    e.strerror,
-                    extra={"fields": fields},
-                )
-                return
-        self.state.mark_evicted(blob_name)
         report.evicted += 1
         log.info("deleted local copy of %s; it is served from Blob now", blob_name, extra={"fields": fields})
         if self.pointer_db is not None:
-            self.state.set_pointer(blob_name, POINTER_PENDING)
             self._flip_pointer(blob_name, report)
 
     def evict_ready(self, roots: Collection[str] | None = None) -> RunReport:
@@ -474,9 +489,30 @@ class Worker:
     def housekeeping(self, roots: Collection[str] | None = None) -> RunReport:
         """Pointer flips that failed earlier, then evictions that were waiting for them
         (only under `roots` when given: `migrate --root audio --evict-local` leaves video alone)."""
+        self.audit_pointers()
         report = self.flip_pending_pointers()
         report.add(self.evict_ready(roots))
         return report
+
+    def audit_pointers(self) -> int:
+        """Rows the agent wrote that are gone from MySQL (GigHive's "clear media" TRUNCATEs every
+        table in media_db, a restore brings an old dump) are written again from the state."""
+        if self.pointer_db is None or self.hold is not None:
+            return 0
+        done = self.state.pointer_done_names()
+        try:
+            with self._db_lock:
+                if self.pointer_db.count_blob_pointers() == len(done):
+                    return 0
+                have = self.pointer_db.blob_pointer_etags()
+        except PointerUnavailable:
+            return 0  # the flips that follow report MySQL's state
+        lost = [name for name, etag in done.items() if have.get(name) != etag]
+        for name in lost:
+            self.state.set_pointer(name, POINTER_PENDING, "the DB row was lost (table truncated or restored)")
+        if lost:
+            log.warning("%d DB pointer row(s) were missing or stale; writing them again", len(lost))
+        return len(lost)
 
 
 def process_paths(worker: Worker, paths: Iterable[Path]) -> int:

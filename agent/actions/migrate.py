@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .. import safety
 from ..config import Config, MediaRoot
 from ..context import queue_worker
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AgentError, Unavailable
@@ -38,6 +39,7 @@ class UsageError(AgentError):
 class Options:
     dry_run: bool = False
     to_local: bool = False
+    check: bool = False  # with to_local: is switching the backend to local safe? (changes nothing)
     roots: tuple[str, ...] = ()
     limit: int | None = None
     concurrency: int | None = None
@@ -220,6 +222,10 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
     started = time.monotonic()
     names = [r.name for r in roots]
     with queue_worker(config, wait_for_lock=True) as worker:
+        if safety.release_hold(worker.state):
+            # The operator moves forward again after a `--to-local`: eviction and pointer flips resume.
+            worker.hold = None
+            log.info("the eviction hold set by `migrate --to-local` is lifted")
         worker.notifier.ready("migrate: scanning media roots")
         scan = ScanReport()
         walked = [

@@ -8,9 +8,15 @@ command reads all three (plus the agent's own state and GigHive's `assets`) and:
   again; files whose blob is missing or different while the local copy is still there are
   queued for upload again (and the DB pointed back at the local copy meanwhile); local files
   the agent never saw are queued;
-- lists the unsafe ones: blobs that nothing refers to (orphans: no local file and no `assets`
-  row), and pointers or evicted files whose blob is missing or differs (data only a backup
-  still has). Orphan blobs are deleted only with --prune-orphans --yes.
+- rebuilds lost state: a blob with no local file and no state row that a witness still claims
+  (a DB pointer, an `assets` row, or an `assets` table that cannot be trusted) becomes an
+  `evicted` row again, from the blob's own metadata, so the way back and the safety rule work;
+- lists the unsafe ones: blobs that nothing refers to (orphans: no local file, no state row, no
+  DB pointer and no `assets` row), and pointers or evicted files whose blob is missing or
+  differs (data only a backup still has). Orphan blobs are deleted only with
+  --prune-orphans --yes, and only when every witness could be read and looks whole
+  (agent.safety): an empty or suddenly shrunk `assets` table, a lost state or MySQL down
+  deletes nothing.
 """
 
 from __future__ import annotations
@@ -19,21 +25,26 @@ import logging
 import os
 import time
 
+from .. import safety
 from ..config import Config, MediaRoot
 from ..context import queue_worker
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
 from ..inventory import list_roots
 from ..media import media_file_for_blob
-from ..pointer import Location, PointerUnavailable, asset_key
+from ..pointer import Location, PointerUnavailable
 from ..scan import ScanReport, walk_root
-from ..state import POINTER_PENDING, FileRecord
+from ..state import POINTER_NONE, POINTER_PENDING, FileRecord
 from ..storage import Listed, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
 def run(
-    config: Config, roots: tuple[MediaRoot, ...], prune_orphans: bool, dry_run: bool
+    config: Config,
+    roots: tuple[MediaRoot, ...],
+    prune_orphans: bool,
+    dry_run: bool,
+    accept_assets_shrink: bool = False,
 ) -> tuple[dict[str, object], int]:
     started = time.monotonic()
     names = [r.name for r in roots]
@@ -60,9 +71,12 @@ def run(
             return {"error": "unavailable", "message": str(e)}, EXIT_UNAVAILABLE
         try:
             pointers = db.locations() if db is not None else None
-            assets = db.asset_keys() if db is not None else None
+            assets = safety.assets_witness(db, safety.assets_seen(state), accept_shrink=accept_assets_shrink)
         except PointerUnavailable as e:
             return {"error": "unavailable", "message": f"DB: {e}"}, EXIT_UNAVAILABLE
+        # Judged before the rebuild below adds rows: a state that recorded no upload while the
+        # container holds blobs was lost, and cannot vouch that a blob is unwanted.
+        state_problem = safety.state_witness_problem(state, listing)
 
         queued_new = 0
         if not dry_run:
@@ -72,6 +86,10 @@ def run(
             queued_new = sum(1 for f in files if f[0] not in known_names)
         del files
         records = {r.blob_name: r for r in state.records() if r.root in names}
+
+        rebuilt = _rebuild(config, state, listing, records, local, pointers, assets, dry_run)
+        if rebuilt and not dry_run:
+            records = {r.blob_name: r for r in state.records() if r.root in names}
 
         repairs: list[dict[str, str]] = []
         unsafe: list[dict[str, str]] = []
@@ -145,11 +163,15 @@ def run(
 
         orphans: list[tuple[str, Listed]] = []
         for name, blob in listing.items():
-            if name in local:
-                continue
-            if _referenced(config, name, records.get(name), pointers, assets):
-                continue
-            orphans.append((name, blob))
+            if safety.blob_unclaimed(config, name, records.get(name), pointers, assets, local) is None:
+                orphans.append((name, blob))
+        # Pruning destroys the only copy of what it deletes: every witness must have been read
+        # and look whole, or nothing is deleted (the operator is told which one is missing).
+        prune_refused = None
+        if prune_orphans:
+            prune_refused = state_problem or assets.problem
+            if db is None:
+                prune_refused = "no DB is configured: GigHive's assets table cannot confirm a blob is unwanted"
         for name, blob in orphans:
             unsafe.append(
                 {
@@ -175,8 +197,10 @@ def run(
                 state.set_pointer(rec.blob_name, POINTER_PENDING)
             if reflip:
                 worker.flip_pending_pointers()
-            if prune_orphans:
+            if prune_orphans and prune_refused is None:
                 for name, blob in orphans:
+                    if os.path.lexists(local_path(config, name)):
+                        continue  # a file landed under that name meanwhile: not an orphan now
                     try:
                         store.delete(name, etag=blob.etag)
                     except StoreUnavailable as e:
@@ -186,21 +210,28 @@ def run(
                     log.warning(
                         "deleted orphan blob %s (%d bytes)", name, blob.size, extra={"fields": {"blob_name": name}}
                     )
-                    if name in records:
-                        state.forget_restored(name)
                     if db is not None and pointers is not None and name in pointers:
                         try:
                             db.delete_location(name)
                         except PointerUnavailable as e:
                             pointer_errors.append(f"{name}: pointer row not removed: {e}")
 
+        if not dry_run and assets.keys is not None:
+            safety.remember_assets(state, assets)
+
+    if prune_refused is not None:
+        log.error("reconcile --prune-orphans deleted nothing: %s", prune_refused)
     remaining_unsafe = [u for u in unsafe if not (u["kind"] == "orphan_blob" and u["blob_name"] in pruned)]
     result: dict[str, object] = {
         "dry_run": dry_run,
         "local_files": len(local),
         "blobs": len(listing),
         "pointer_rows": len(pointers) if pointers is not None else None,
-        "assets_known": assets is not None,
+        "assets_known": assets.keys is not None,
+        "assets_problem": assets.problem,
+        "state_problem": state_problem,
+        "state_rebuilt": rebuilt,
+        "prune_refused": prune_refused,
         "queued_new": queued_new,
         "repairs": repairs,
         "repaired": 0 if dry_run else len(repairs),
@@ -225,6 +256,8 @@ def run(
     )
     if pointer_errors:
         return result, EXIT_UNAVAILABLE
+    if prune_refused is not None:
+        return result, EXIT_FAILURE
     return result, EXIT_FAILURE if remaining_unsafe or scan.root_errors else EXIT_OK
 
 
@@ -252,17 +285,49 @@ def _pointer_right(loc: Location | None, rec: FileRecord, container: str) -> boo
     )
 
 
-def _referenced(config: Config, name: str, rec: FileRecord | None, pointers, assets) -> bool:
-    """Whether anything still needs this blob (it has no local file)."""
+def local_path(config: Config, name: str) -> str:
     mf = media_file_for_blob(config, name)
-    key = asset_key(mf) if mf is not None else None
-    if assets is not None and key is not None:
-        # GigHive's own table decides: a deleted asset's blob is an orphan even if the agent
-        # once uploaded and evicted it.
-        return key in assets
-    if rec is not None and rec.state in ("uploaded", "evicted"):
-        return True
-    return pointers is not None and _points_at_blob(pointers.get(name))
+    return str(mf.path) if mf is not None else ""
+
+
+def _rebuild(config, state, listing, records, local, pointers, assets, dry_run) -> list[str]:
+    """State rows again for blobs that are the only copy of something a witness still claims.
+
+    A blob no witness claims is left out: it is listed as an orphan instead. Without a trusted
+    `assets` table every blob counts as claimed (rebuilding too much loses nothing)."""
+    rebuilt: list[str] = []
+    pointer_state = POINTER_PENDING if pointers is not None else POINTER_NONE
+    for name, blob in listing.items():
+        if name in records or name in local or not blob.sha256:
+            continue
+        mf = media_file_for_blob(config, name)
+        if mf is None:
+            continue
+        if mf.expected_sha256 is not None and blob.sha256 != mf.expected_sha256:
+            continue  # the blob is not the file its name promises: an orphan for the operator
+        claimed = safety.blob_unclaimed(config, name, None, pointers, assets, local)
+        if claimed is None:
+            continue
+        rebuilt.append(name)
+        if not dry_run:
+            state.adopt_blob(
+                name,
+                mf.root.name,
+                str(mf.path),
+                size=blob.size,
+                sha256=blob.sha256,
+                md5=blob.content_md5.hex() if blob.content_md5 else None,
+                etag=blob.etag,
+                pointer=pointer_state,
+            )
+    if rebuilt:
+        log.warning(
+            "%d blob(s) had no record in the agent's state (lost state or a lost commit): %s from the "
+            "container's metadata",
+            len(rebuilt),
+            "would be rebuilt" if dry_run else "rebuilt",
+        )
+    return rebuilt
 
 
 def render(result: dict[str, object]) -> str:
@@ -280,6 +345,12 @@ def render(result: dict[str, object]) -> str:
         lines.append(f"  UNSAFE {u['kind']}: {u['blob_name']}: {u['detail']}")
     for name in result["orphans_pruned"]:  # type: ignore[union-attr]
         lines.append(f"  pruned orphan blob: {name}")
+    rebuilt = result.get("state_rebuilt") or []
+    if rebuilt:
+        verb_r = "would rebuild" if result["dry_run"] else "rebuilt"
+        lines.append(f"  {verb_r} {len(rebuilt)} state row(s) from the container (state lost or a commit lost)")
+    if result.get("prune_refused"):
+        lines.append(f"  NOTHING PRUNED: {result['prune_refused']}")
     orphans_left = len(result["orphans"]) - len(result["orphans_pruned"])  # type: ignore[arg-type]
     if orphans_left:
         lines.append(

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from .. import safety
 from ..config import Config
 from ..errors import LockBusy, StateError
 from ..lock import QueueLock
@@ -32,10 +33,26 @@ def run(config: Config, limit: int = 50) -> dict[str, object]:
         result["pointer_pending"] = [
             {"blob_name": r.blob_name, "error": r.pointer_error} for r in state.pointer_pending()[:limit]
         ]
+        result["outage"] = _outage(state)
+        result["local_hold"] = safety.held(state)
     finally:
         state.close()
     result["queue_lock_holder"] = _lock_holder(config)
     return result
+
+
+def _outage(state: StateStore) -> dict[str, object] | None:
+    """An outage as an outage: since when, the last error, and when the next try is."""
+    o = safety.outage_since(state)
+    if o is None:
+        return None
+    return {
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(o["since"]))),
+        "for_s": round(time.time() - float(o["since"])),
+        "last_error": o.get("last_error"),
+        "runs": o.get("runs"),
+        "next_try_in_s": round(max(0.0, float(o.get("next_try", 0)) - time.time())),
+    }
 
 
 def _item(r) -> dict[str, object]:
@@ -65,6 +82,8 @@ def state_dir_problem(state_dir: Path) -> str | None:
 
 def _lock_holder(config: Config) -> int | None:
     lock = QueueLock(config.state_dir)
+    if not lock.path.exists():
+        return None  # no run has made it yet; creating it here (as root, say) would leave it to root
     try:
         lock.acquire(wait=False)
     except StateError:
@@ -96,6 +115,17 @@ def render(result: dict[str, object]) -> str:
     counts = result.get("counts") or {}
     assert isinstance(counts, dict)
     lines.append("files: " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    outage = result.get("outage")
+    if isinstance(outage, dict):
+        lines.append(
+            f"OUTAGE: Azure Blob unusable since {outage['since']} ({outage['runs']} run(s)); next try in "
+            f"{outage['next_try_in_s']}s; no file's attempts are used up meanwhile. Last error: {outage['last_error']}"
+        )
+    if result.get("local_hold"):
+        lines.append(
+            f"eviction on hold since {result['local_hold']} (`migrate --to-local` ran): nothing is deleted locally "
+            "and the DB keeps pointing at local files until `gighive-media migrate` is run again"
+        )
     for where, problem in (result.get("root_errors") or {}).items():  # type: ignore[union-attr]
         lines.append(f"media root {where} not scanned: {problem}")
     pointer = result.get("pointer") or {}

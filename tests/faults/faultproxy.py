@@ -30,7 +30,9 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-_ERROR_CODES = {500: "InternalError", 503: "ServerBusy"}
+# 400 Md5Mismatch is what Azure answers when a body does not match its Content-MD5: a failure of
+# that one request's content, not of the service.
+_ERROR_CODES = {400: "Md5Mismatch", 500: "InternalError", 503: "ServerBusy"}
 
 
 @dataclass(frozen=True)
@@ -340,7 +342,7 @@ class FaultProxy:
     @staticmethod
     def _error_response(status: int, method: str) -> bytes:
         code = _ERROR_CODES.get(status, "InternalError")
-        reason = {500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
+        reason = {400: "Bad Request", 500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
         body = (
             '<?xml version="1.0" encoding="utf-8"?><Error>'
             f"<Code>{code}</Code><Message>Injected by the test fault proxy.\nRequestId:00000000-0000-0000-0000-"

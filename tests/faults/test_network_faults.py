@@ -228,15 +228,35 @@ def test_trickling_link_shows_no_partial_blob(fault_harness, proxy, blob_contain
     assert {r.attempts for r in records(h).values()} == {0}
 
 
-def test_persistent_errors_end_dead_after_exactly_the_allowed_requests(
-    fault_harness, proxy, blob_container, media_roots
-):
-    """A service that never recovers: each attempt costs one request and its SDK retries, the
-    item goes dead at RETRY_MAX_ATTEMPTS, and not one request more is sent."""
+def test_a_service_that_never_recovers_is_an_outage_not_a_dead_file(fault_harness, proxy, blob_container, media_roots):
+    """503 on every request: each run costs one file's SDK tries at most, no attempt is charged
+    (a weekend outage must not turn the library `dead`), and status shows the outage."""
     h = fault_harness
     h.write_config(RETRY_MAX_ATTEMPTS="3")
     path, _ = make_content_addressed(media_roots["audio"], 10_000, "mp3", seed=800)
     proxy.http_errors(1000, statuses=(503,))
+    runs = [h.cli("upload", "--no-watch")] + [h.cli("retry") for _ in range(6)]
+    assert all(r.returncode == 0 for r in runs)
+    (rec,) = records(h).values()
+    assert (rec.state, rec.attempts) == ("pending", 0), rec
+    assert "HTTP 503 ServerBusy" in rec.last_error
+    status = h.cli_json("status")
+    assert "HTTP 503 ServerBusy" in status["outage"]["last_error"]
+    # One file, one Put Blob with its SDK retries per run that found it due; backoff may skip runs.
+    assert SDK_TRIES <= len(proxy.requests()) <= len(runs) * SDK_TRIES
+    assert path.exists()
+    assert h.cli("status").returncode == 0
+
+
+def test_persistent_errors_of_one_file_end_dead_after_exactly_the_allowed_requests(
+    fault_harness, proxy, blob_container, media_roots
+):
+    """A failure that belongs to the file (400 Md5Mismatch: its bytes arrive wrong every time):
+    the item goes dead at RETRY_MAX_ATTEMPTS, and not one request more is sent."""
+    h = fault_harness
+    h.write_config(RETRY_MAX_ATTEMPTS="3")
+    path, _ = make_content_addressed(media_roots["audio"], 10_000, "mp3", seed=801)
+    proxy.http_errors(1000, statuses=(400,))
     runs = [h.cli("upload", "--no-watch")] + [h.cli("retry") for _ in range(6)]
     for _ in range(20):
         if {r.state for r in records(h).values()} == {"dead"}:
@@ -246,9 +266,9 @@ def test_persistent_errors_end_dead_after_exactly_the_allowed_requests(
     assert all(r.returncode == 0 for r in runs)
     (rec,) = records(h).values()
     assert (rec.state, rec.attempts) == ("dead", 3), rec
-    assert "HTTP 503 ServerBusy" in rec.last_error
-    # 3 attempts x (1 Put Blob x 3 tries); later runs must not touch a dead item.
-    assert len(proxy.requests()) == 3 * SDK_TRIES
+    assert "HTTP 400 Md5Mismatch" in rec.last_error
+    # 3 attempts x 1 Put Blob (a 400 is not retried by the SDK); later runs must not touch a dead item.
+    assert len(proxy.requests()) == 3
     assert "giving up on" in "".join(r.stderr for r in runs)
     assert path.exists()
     assert h.cli("status").returncode == 1

@@ -1,0 +1,433 @@
+"""The one rule for every destructive step: the only copy of a media file is never destroyed.
+
+A destructive step is deleting a local file (eviction), deleting a blob (pruning), forgetting a
+state row, or declaring "every file is local, switching back is safe". Each happens only when
+independent witnesses agree that another verified copy exists:
+
+- the agent's state: the row says the file was uploaded and verified (size, sha256, MD5, ETag);
+- the blob's own properties, read from the service now: size, Content-MD5, the sha256 metadata
+  and the ETag the upload verified;
+- the DB pointer, read back from MySQL now: it points at that blob (skipped only when no DB is
+  configured: then the agent's state is the pointer);
+- the local file, checked through an open file descriptor, not its path.
+
+A missing witness (MySQL down, the service unreachable, an empty `assets` table, a lost state)
+means nothing is destroyed, and the reason is logged and returned. Every path in the agent that
+destroys something calls this module; nothing else unlinks media or deletes blobs.
+
+Eviction is made crash- and power-safe by an intent row committed with fsync before the file is
+touched, and by renaming the file aside and checking that the renamed inode is the one that was
+verified before unlinking it: a file renamed into place meanwhile (a rewritten thumbnail) is never
+the one deleted. recover() finishes or undoes whatever a kill or a power cut interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .media import media_file_for_blob
+from .pointer import PointerDB, PointerUnavailable, asset_key
+from .state import POINTER_NONE, POINTER_PENDING, FileRecord, StateStore
+from .storage import Listed, StoreUnavailable
+from .storage.azure_blob import AzureBlobStore
+
+log = logging.getLogger(__name__)
+
+# Set by `migrate --to-local`: from then on nothing evicts and nothing points the DB at Blob,
+# until the operator runs the forward `migrate` again.
+HOLD_KEY = "local_hold"
+# The service is unusable since...: set by the worker, shown by `status`, cleared by a success.
+OUTAGE_KEY = "outage"
+# How many rows `assets` had when the agent last trusted it (a sudden drop is not deletions).
+ASSETS_SEEN_KEY = "assets_seen"
+# More than this share of `assets` gone since the last look is a TRUNCATE or an import, not deletes.
+ASSETS_SHRINK_LIMIT = 0.05
+
+
+class OutageDuringCheck(Exception):
+    """A witness could not be asked because the service or MySQL is unusable."""
+
+
+@dataclass
+class Witnesses:
+    config: Config
+    state: StateStore
+    store: AzureBlobStore
+    pointer_db: PointerDB | None
+    db_lock: threading.Lock
+
+    # ---- each witness answers None (agrees) or why not ------------------------------------------
+
+    @staticmethod
+    def record(rec: FileRecord | None) -> str | None:
+        if rec is None:
+            return "the agent has no record of this file"
+        if rec.state not in ("uploaded", "evicted") or not rec.sha256 or not rec.etag or rec.size is None:
+            return f"the agent's record does not say it was uploaded and verified (state {rec.state})"
+        return None
+
+    def blob(self, rec: FileRecord) -> str | None:
+        """The blob, read now, is the one the upload verified. Raises OutageDuringCheck."""
+        try:
+            info = self.store.stat(rec.blob_name)
+        except StoreUnavailable as e:
+            raise OutageDuringCheck(str(e)) from e
+        if info is None:
+            return "its blob is missing"
+        problems = []
+        if info.size != rec.size:
+            problems.append(f"size {info.size} != {rec.size}")
+        if info.etag != rec.etag:
+            problems.append("ETag differs from the verified upload (replaced since)")
+        if info.sha256 != rec.sha256:
+            problems.append("sha256 metadata differs")
+        if rec.md5 and info.content_md5 is not None and info.content_md5.hex() != rec.md5:
+            problems.append("Content-MD5 differs")
+        if info.content_md5 is None:
+            problems.append("the blob has no Content-MD5")
+        return f"its blob differs from the verified upload ({'; '.join(problems)})" if problems else None
+
+    def pointer(self, rec: FileRecord) -> str | None:
+        """The DB, read back now, points at this blob. Raises OutageDuringCheck when MySQL is down."""
+        if self.pointer_db is None:
+            return None  # no DB configured: the agent's state is the pointer
+        try:
+            with self.db_lock:
+                loc = self.pointer_db.get(rec.blob_name)
+        except PointerUnavailable as e:
+            raise OutageDuringCheck(f"DB: {e}") from e
+        if loc is None:
+            return "the DB has no pointer row for it"
+        if loc.provider != "azure_blob" or loc.etag != rec.etag or loc.content_sha256 != rec.sha256:
+            return f"the DB pointer does not point at the verified blob (provider {loc.provider}, etag {loc.etag})"
+        return None
+
+    def all_agree(self, rec: FileRecord | None) -> str | None:
+        """None when state, blob and DB pointer all vouch for the blob copy; else the first reason."""
+        reason = self.record(rec)
+        if reason is not None:
+            return reason
+        assert rec is not None
+        return self.blob(rec) or self.pointer(rec)
+
+
+def held(state: StateStore) -> str | None:
+    """When `migrate --to-local` set the hold (ISO time), else None."""
+    return state.get_meta(HOLD_KEY)
+
+
+def set_hold(state: StateStore) -> None:
+    if held(state) is None:
+        state.set_meta(HOLD_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), durable=True)
+
+
+def release_hold(state: StateStore) -> bool:
+    if held(state) is None:
+        return False
+    state.delete_meta(HOLD_KEY)
+    return True
+
+
+# ---- deleting a local file -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Eviction:
+    evicted: bool
+    reason: str | None = None  # why it was kept
+    outage: str | None = None  # a witness was unreachable
+    requeue: bool = False  # the blob is wrong: upload it again
+
+
+def evict(w: Witnesses, rec: FileRecord) -> Eviction:
+    """Delete the local copy of `rec` if, and only if, every witness agrees the blob holds it."""
+    if held(w.state) is not None:
+        return Eviction(False, "`migrate --to-local` set a hold on eviction (run `gighive-media migrate` to lift it)")
+    mf = media_file_for_blob(w.config, rec.blob_name)
+    if mf is None:
+        return Eviction(False, "no configured media root holds it")
+    reason = w.record(rec)
+    if reason is not None or not rec.local_copy:
+        return Eviction(False, reason or "no local copy")
+    path = str(mf.path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = None
+    except OSError as e:
+        return Eviction(False, f"cannot open {path}: {e.strerror}")
+    try:
+        if fd is not None:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns, st.st_ino) != (
+                rec.size,
+                rec.mtime_ns,
+                rec.inode,
+            ):
+                return Eviction(False, "the local file changed since it was verified")
+        try:
+            reason = w.blob(rec) or w.pointer(rec)
+        except OutageDuringCheck as e:
+            return Eviction(False, f"cannot ask every witness: {e}", outage=str(e))
+        if reason is not None:
+            return Eviction(False, reason, requeue=reason.startswith("its blob"))
+        if fd is None:
+            # Gone already (GigHive deleted it, or an eviction whose record a crash lost):
+            # nothing is destroyed here, the record catches up with the disk.
+            w.state.finish_eviction(rec.blob_name, _pointer_after(w))
+            return Eviction(True)
+        aside = str(Path(path).with_name(f".{Path(path).name}.gighive-evict"))
+        w.state.begin_eviction(rec.blob_name, path, aside, st.st_ino)
+        try:
+            os.rename(path, aside)
+        except OSError as e:
+            w.state.drop_intent(rec.blob_name)
+            return Eviction(
+                False, f"cannot move {path} aside: {e.strerror} (eviction needs write access to its directory)"
+            )
+        moved = os.lstat(aside)
+        if (moved.st_dev, moved.st_ino) != (st.st_dev, st.st_ino):
+            # Another file was renamed into place between the open and the rename: that one was
+            # never verified. Put it back (never over a newer file) and keep everything.
+            _put_back(aside, path)
+            w.state.drop_intent(rec.blob_name)
+            return Eviction(False, "the local file was replaced while it was being evicted")
+        os.unlink(aside)
+        _fsync_dir(os.path.dirname(path))
+        w.state.finish_eviction(rec.blob_name, _pointer_after(w))
+        return Eviction(True)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _pointer_after(w: Witnesses) -> str:
+    return POINTER_PENDING if w.pointer_db is not None else POINTER_NONE
+
+
+def _put_back(aside: str, path: str) -> bool:
+    """Move a file set aside back under its name; link(2) never replaces a file that appeared."""
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        log.error("%s appeared meanwhile; the earlier file is kept as %s for the operator", path, aside)
+        return False
+    os.unlink(aside)
+    _fsync_dir(os.path.dirname(path))
+    return True
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(w: Witnesses) -> int:
+    """Finish or undo every eviction a kill or a power cut interrupted; run under the queue lock
+    before any other work. Returns how many intents were settled."""
+    settled = 0
+    for intent in w.state.intents():
+        name, path, aside, inode = intent["blob_name"], intent["path"], intent["aside"], intent["inode"]
+        try:
+            aside_st = os.lstat(aside)
+        except FileNotFoundError:
+            aside_st = None
+        try:
+            path_st = os.lstat(path)
+        except FileNotFoundError:
+            path_st = None
+        rec = w.state.get(name)
+        if aside_st is None:
+            if path_st is not None and path_st.st_ino == inode:
+                w.state.drop_intent(name)  # stopped before the rename: nothing happened
+            else:
+                # The unlink happened; only the record of it was lost. Say so, loudly if the
+                # blob no longer vouches for it (nothing can be undone then).
+                w.state.finish_eviction(name, _pointer_after(w))
+                log.info("an interrupted eviction of %s had completed; recorded now", name)
+            settled += 1
+            continue
+        try:
+            reason = w.all_agree(rec) if aside_st.st_ino == inode else "the file set aside is not the verified one"
+        except OutageDuringCheck as e:
+            reason = f"cannot ask every witness: {e}"
+        if reason is None and held(w.state) is None and path_st is None:
+            os.unlink(aside)
+            _fsync_dir(os.path.dirname(path))
+            w.state.finish_eviction(name, _pointer_after(w))
+            log.info("finished an interrupted eviction of %s", name)
+        elif path_st is None:
+            _put_back(aside, path)
+            w.state.drop_intent(name)
+            log.warning("undid an interrupted eviction of %s (%s)", name, reason or "a hold or a new file")
+        elif reason is None:
+            # A new file took the name meanwhile; the verified one set aside is backed by its blob.
+            os.unlink(aside)
+            w.state.finish_eviction(name, _pointer_after(w))
+        else:
+            log.error("kept %s beside %s: an interrupted eviction cannot be confirmed (%s)", aside, path, reason)
+            continue
+        settled += 1
+    return settled
+
+
+# ---- forgetting a state row ------------------------------------------------------------------
+
+
+def settle_vanished(w: Witnesses, rec: FileRecord) -> str:
+    """A queued file is gone from disk. Forget it only if no blob holds it: a power cut can take
+    the commit that said "uploaded" (or "evicted") while the unlink survived, and forgetting the
+    row would lose the only witness of that blob. Returns 'forgotten', 'adopted' or 'kept'."""
+    mf = media_file_for_blob(w.config, rec.blob_name)
+    try:
+        info = w.store.stat(rec.blob_name)
+    except StoreUnavailable as e:
+        w.state.defer(rec.blob_name, time.time() + w.config.retry.base_delay, f"file vanished; blob unknown: {e}")
+        return "kept"
+    expected = mf.expected_sha256 if mf is not None else None
+    if info is None or not info.sha256 or (expected is not None and info.sha256 != expected):
+        w.state.forget(rec.blob_name)
+        return "forgotten"
+    w.state.adopt_blob(
+        rec.blob_name,
+        rec.root,
+        rec.path,
+        size=info.size,
+        sha256=info.sha256,
+        md5=info.content_md5.hex() if info.content_md5 else None,
+        etag=info.etag,
+        pointer=_pointer_after(w),
+    )
+    log.warning(
+        "%s vanished from disk but its blob is there: recorded as evicted (a crash or power cut had lost that record)",
+        rec.blob_name,
+        extra={"fields": {"blob_name": rec.blob_name}},
+    )
+    return "adopted"
+
+
+# ---- the `assets` witness (pruning, the way back) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AssetsWitness:
+    keys: set[tuple[str, str]] | None  # None: it cannot be trusted to say what is wanted
+    problem: str | None
+    rows: int
+
+
+def assets_seen(state: StateStore | None) -> int:
+    return int(state.get_meta(ASSETS_SEEN_KEY) or 0) if state is not None else 0
+
+
+def assets_witness(db: PointerDB | None, seen: int, accept_shrink: bool = False) -> AssetsWitness:
+    """GigHive's `assets`, trusted only when it looks whole. Empty, missing or suddenly shrunk
+    (clear media, an import's TRUNCATE, a restore of an old dump) means: it cannot say what is
+    wanted, so nothing it leaves out is deleted or left behind. Raises PointerUnavailable."""
+    if db is None:
+        return AssetsWitness(None, "no DB is configured, so GigHive's assets table cannot be read", 0)
+    keys = db.asset_keys()
+    if keys is None:
+        return AssetsWitness(None, "GigHive's assets table does not exist", 0)
+    if not keys:
+        return AssetsWitness(
+            None,
+            "GigHive's assets table is empty (cleared, or an import is refilling it): it cannot say what is wanted",
+            0,
+        )
+    lost = seen - len(keys)
+    if lost > max(1, seen * ASSETS_SHRINK_LIMIT) and not accept_shrink:
+        return AssetsWitness(
+            None,
+            f"GigHive's assets table shrank from {seen} to {len(keys)} rows since the agent last read it; "
+            "that is a TRUNCATE, an import or a restore rather than deletions. If the rows were deleted on "
+            "purpose, confirm with --accept-assets-shrink",
+            len(keys),
+        )
+    return AssetsWitness(keys, None, len(keys))
+
+
+def remember_assets(state: StateStore, witness: AssetsWitness) -> None:
+    if witness.keys is not None:
+        state.set_meta(ASSETS_SEEN_KEY, str(witness.rows))
+
+
+# ---- deleting a blob -------------------------------------------------------------------------
+
+
+def blob_unclaimed(
+    config: Config,
+    name: str,
+    rec: FileRecord | None,
+    pointers: dict | None,
+    assets: AssetsWitness,
+    local_names: Collection[str],
+) -> str | None:
+    """None when no witness claims the blob (it may be pruned); else who still needs it."""
+    if name in local_names:
+        return "a local file has this name"
+    if rec is not None and rec.state in ("uploaded", "evicted", "pending", "failed", "uploading", "dead"):
+        return f"the agent's state tracks it ({rec.state})"
+    if pointers is None:
+        return "the DB pointers could not be read"
+    loc = pointers.get(name)
+    if loc is not None and loc.provider == "azure_blob":
+        return "the DB points at it"
+    if assets.keys is None:
+        return assets.problem or "GigHive's assets table cannot be trusted"
+    mf = media_file_for_blob(config, name)
+    key = asset_key(mf) if mf is not None else None
+    if key is not None and key in assets.keys:
+        return "GigHive's assets table has its row"
+    if key is None:
+        return "it is not a media file or thumbnail of a GigHive asset (never pruned)"
+    return None
+
+
+def state_witness_problem(state: StateStore, listing: dict[str, Listed]) -> str | None:
+    """A state with no uploads while blobs exist was lost or replaced: it cannot vouch for anything."""
+    if listing and not any(state.counts().get(s) for s in ("uploaded", "evicted")):
+        return (
+            "the agent's state records no upload although the container holds blobs (state directory lost "
+            "or replaced?); `gighive-media reconcile` rebuilds it first"
+        )
+    return None
+
+
+def outage_since(state: StateStore) -> dict | None:
+    raw = state.get_meta(OUTAGE_KEY)
+    return json.loads(raw) if raw else None
+
+
+def record_outage(state: StateStore, error: str, next_try: float) -> None:
+    now = time.time()
+    prior = outage_since(state) or {}
+    state.set_meta(
+        OUTAGE_KEY,
+        json.dumps(
+            {
+                "since": prior.get("since", now),
+                "last_error": error[:500],
+                "runs": int(prior.get("runs", 0)) + 1,
+                "next_try": next_try,
+            }
+        ),
+    )
+
+
+def clear_outage(state: StateStore) -> None:
+    if outage_since(state) is not None:
+        state.delete_meta(OUTAGE_KEY)
+        log.info("Azure Blob is usable again; the outage is over")
