@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__, logs
 from .config import DEFAULT_CONFIG_PATH, load, parse_size
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SOFTWARE, AgentError, ConfigError, ConfigErrors
+from .privileges import become_service_user
 
 log = logging.getLogger("gighive-media")
 
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(getattr(args, "log_level", None) or config.log_level)
 
     try:
+        become_service_user(args.command, config.state_dir)
         result, code = dispatch(args, config)
     except AgentError as e:
         log.error("%s", e)

@@ -378,7 +378,7 @@ def blob_unclaimed(
     """None when no witness claims the blob (it may be pruned); else who still needs it."""
     if name in local_names:
         return "a local file has this name"
-    if rec is not None and rec.state in ("uploaded", "evicted", "pending", "failed", "uploading", "dead"):
+    if rec is not None:
         return f"the agent's state tracks it ({rec.state})"
     if pointers is None:
         return "the DB pointers could not be read"

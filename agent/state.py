@@ -24,7 +24,7 @@ from .errors import StateError
 STATES = ("pending", "uploading", "uploaded", "failed", "dead", "quarantined", "evicted")
 POINTER_NONE, POINTER_PENDING, POINTER_DONE = "none", "pending", "done"
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     blob_name       TEXT PRIMARY KEY,
@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS files (
     pointer_error   TEXT,
     local_copy      INTEGER NOT NULL DEFAULT 1,
     blocks_reused   INTEGER NOT NULL DEFAULT 0,
+    outage_waits    INTEGER NOT NULL DEFAULT 0,
     created_at      REAL NOT NULL,
     updated_at      REAL NOT NULL
 );
@@ -89,6 +90,8 @@ class FileRecord:
     blocks_reused: int
     created_at: float
     updated_at: float
+    # Tries that met an outage (not the file's fault, so not counted in `attempts`).
+    outage_waits: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -131,6 +134,10 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.executescript(_SCHEMA)
+            # Schema 1 (before outages stopped counting as attempts) lacks this column.
+            if "outage_waits" not in {r[1] for r in self._db.execute("PRAGMA table_info(files)")}:
+                self._db.execute("ALTER TABLE files ADD COLUMN outage_waits INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(_SCHEMA_VERSION),))
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
             )
@@ -419,7 +426,8 @@ class StateStore:
         with self._tx() as db:
             db.execute(
                 "UPDATE files SET state = CASE WHEN state = 'uploading' THEN 'pending' ELSE state END, "
-                "next_attempt_at = ?, last_error = ?, updated_at = ? WHERE blob_name = ?",
+                "outage_waits = outage_waits + 1, next_attempt_at = ?, last_error = ?, updated_at = ? "
+                "WHERE blob_name = ?",
                 (until, f"Azure Blob unusable: {error}"[:2000], time.time(), blob_name),
             )
 
@@ -445,13 +453,6 @@ class StateStore:
             db.execute(
                 "UPDATE files SET pointer = ?, pointer_error = ?, updated_at = ? WHERE blob_name = ?",
                 (pointer, error[:2000] if error else None, time.time(), blob_name),
-            )
-
-    def mark_evicted(self, blob_name: str) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE files SET state = 'evicted', local_copy = 0, updated_at = ? WHERE blob_name = ?",
-                (time.time(), blob_name),
             )
 
     # ---- destructive steps (agent.safety is the only caller) --------------------------------

@@ -268,7 +268,7 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
 
         pointers = 0
         if outage is None:
-            pointers, outage = _settle_local(config, names, state, db)
+            pointers, outage = _settle_local(config, names, state, db, skip=set(found.differs))
         worker.notifier.stopping()
 
     verdict, code = check(config, names) if outage is None else ({"safe": False, "reasons": [outage]}, 69)
@@ -303,9 +303,12 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
     return result_out, EXIT_OK if result_out["complete"] else EXIT_FAILURE
 
 
-def _settle_local(config: Config, names: list[str], state: StateStore, db: PointerDB | None) -> tuple[int, str | None]:
+def _settle_local(
+    config: Config, names: list[str], state: StateStore, db: PointerDB | None, skip: set[str]
+) -> tuple[int, str | None]:
     """Every file under the roots that is on disk now: DB pointer to local, state row forgotten
-    (the local copy is the verified copy now; the blob stays in the container)."""
+    (the local copy is the verified copy now; the blob stays in the container). A local file
+    that differs from its blob (`skip`) keeps its pointer and its record: the blob is the good copy."""
     flipped = 0
     locations = {}
     if db is not None:
@@ -314,7 +317,7 @@ def _settle_local(config: Config, names: list[str], state: StateStore, db: Point
         except PointerUnavailable as e:
             return 0, f"DB pointer: {e}"
     paths = set(locations) | {r.blob_name for r in state.records() if r.root in names}
-    for name in sorted(paths):
+    for name in sorted(paths - skip):
         if name.split("/", 1)[0] not in names:
             continue
         mf = media_file_for_blob(config, name)
