@@ -46,6 +46,8 @@ def test_all_checks_pass_against_azurite(harness):
     report = json.loads(proc.stdout)
     got = statuses(report)
     assert got["config"] == got["dns"] == got["tcp"] == got["container"] == got["probe"] == "PASS", report
+    # The listing migrate, verify and reconcile depend on is exercised too.
+    assert got["list"] == "PASS", report
     assert got["media_roots"] == got["state_dir"] == "PASS", report
     # http to a loopback emulator: no TLS; the dev key: no token; no MySQL; no units on this host
     assert got["tls"] == got["token"] == got["mysql"] == "SKIP"
@@ -196,6 +198,7 @@ def test_token_endpoint_failure_fails_the_token_check(oauth_harness, token_serve
     report = oauth_harness.cli_json("doctor", env=env)
     assert statuses(report)["token"] == "FAIL"
     assert statuses(report)["container"] == "SKIP"
+    assert "IMDS" in check(report, "token")["reason"]
 
 
 def test_tls_without_the_ca_fails_verification(oauth_harness, token_server):
@@ -211,13 +214,20 @@ def test_tls_without_the_ca_fails_verification(oauth_harness, token_server):
 # ---- DNS: resolver answers controlled by the test ------------------------------------------------------------
 
 
-def doctor_with_hosts(h: Harness, hosts_line: str) -> dict:
+def doctor_with_hosts(h: Harness, hosts_line: str, azure_vm: bool = False) -> dict:
+    """doctor with /etc/hosts and the DMI chassis asset tag (how doctor knows an Azure VM) of the test's
+    choosing: lines "<address> <canonical name> <alias>..." give the resolver the CNAME chain a DNS
+    server would (the first name is the end of the chain)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) to give the CLI its own /etc/hosts")
     hosts = h.tmp / "hosts"
     hosts.write_text(f"127.0.0.1 localhost\n{hosts_line}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
-    script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
+    tag = "7783-7084-3265-9085-8269-3286-77" if azure_vm else ""
+    script = (
+        'mount --bind "$1" /etc/hosts && mount -t tmpfs none /sys/class && mkdir -p /sys/class/dmi/id && '
+        'if [ -n "$2" ]; then echo "$2" > /sys/class/dmi/id/chassis_asset_tag; fi && shift 2 && exec "$@"'
+    )
     proc = subprocess.run(
         [
             "unshare",
@@ -229,6 +239,7 @@ def doctor_with_hosts(h: Harness, hosts_line: str) -> dict:
             script,
             "sh",
             str(hosts),
+            tag,
             sys.executable,
             "-m",
             "agent",
@@ -243,6 +254,7 @@ def doctor_with_hosts(h: Harness, hosts_line: str) -> dict:
         cwd=REPO,
         env=env,
     )
+    assert proc.stdout, proc.stderr
     return json.loads(proc.stdout)
 
 
@@ -255,31 +267,71 @@ def dns_harness(harness):
         AZURE_STORAGE_ACCOUNT_NAME=ACCOUNT,
         AZURE_NETWORK_TIMEOUT="1",
         AZURE_CREDENTIAL_TIMEOUT="1",
+        AZURE_CREDENTIAL_RETRY_TIMEOUT="2",
     )
     return harness
 
 
+HOST = f"{ACCOUNT}.blob.core.windows.net"
+PRIVATELINK = f"{ACCOUNT}.privatelink.blob.core.windows.net"
+STAMP = "blob.ams23prdstr02a.store.core.windows.net"
+
+
 def test_dns_private_address_passes(dns_harness):
-    report = doctor_with_hosts(dns_harness, f"10.20.1.4 {ACCOUNT}.blob.core.windows.net")
+    report = doctor_with_hosts(dns_harness, f"10.20.1.4 {HOST}")
     dns = check(report, "dns")
     assert dns["status"] == "PASS", dns
     assert dns["details"]["addresses"] == ["10.20.1.4"]
+    assert dns["details"]["path"] == "private_address"
 
 
-def test_dns_public_address_fails_with_private_dns_hint(dns_harness):
-    report = doctor_with_hosts(dns_harness, f"203.0.113.7 {ACCOUNT}.blob.core.windows.net")
+def test_private_endpoint_is_recognised_by_its_privatelink_name_and_private_address(dns_harness):
+    report = doctor_with_hosts(dns_harness, f"10.20.1.4 {PRIVATELINK} {HOST}")
     dns = check(report, "dns")
-    assert dns["status"] == "FAIL", dns
-    assert "public address" in dns["reason"]
+    assert dns["status"] == "PASS", dns
+    assert dns["details"]["path"] == "private_endpoint"
+    assert dns["details"]["privatelink_name"] == PRIVATELINK
+    assert dns["reason"].startswith("Private Endpoint:") and "10.20.1.4" in dns["reason"]
+
+
+def test_service_endpoint_on_an_azure_vm_passes_and_says_so(dns_harness):
+    """GigHive's own Terraform: no Private Endpoint, a Microsoft.Storage service endpoint on the VM's
+    subnet; the name resolves straight to the storage stamp's public address. Not a failure."""
+    report = doctor_with_hosts(dns_harness, f"20.60.1.2 {STAMP} {HOST}", azure_vm=True)
+    dns = check(report, "dns")
+    assert dns["status"] == "PASS", dns
+    assert dns["details"]["path"] == "service_endpoint"
+    assert dns["details"]["storage_stamp"] == STAMP and dns["details"]["azure_vm"] is True
+    assert "service endpoint" in dns["reason"] and "20.60.1.2" in dns["reason"]
+    # The route is public and legitimate: the network checks go on (and decide) instead of being skipped.
+    assert check(report, "tcp")["status"] != "SKIP"
+    assert "skipped" not in check(report, "tcp")["reason"]
+
+
+def test_public_address_off_azure_warns_in_plain_words(dns_harness):
+    report = doctor_with_hosts(dns_harness, f"203.0.113.7 {STAMP} {HOST}", azure_vm=False)
+    dns = check(report, "dns")
+    assert dns["status"] == "WARN", dns
+    assert dns["details"]["path"] == "public_internet"
+    assert "not an Azure VM" in dns["reason"] and "internet" in dns["reason"]
+    assert "Private Endpoint" in dns["hint"]
+    assert check(report, "tcp")["status"] != "SKIP"
+
+
+def test_private_endpoint_that_this_hosts_dns_bypasses_warns(dns_harness):
+    """The account has a Private Endpoint (the CNAME to privatelink is there) but this host's DNS has no
+    private zone, so it gets the public address: requests would go to the public endpoint."""
+    report = doctor_with_hosts(dns_harness, f"20.60.1.2 {STAMP} {PRIVATELINK} {HOST}", azure_vm=True)
+    dns = check(report, "dns")
+    assert dns["status"] == "WARN", dns
+    assert dns["details"]["path"] == "private_endpoint_bypassed"
+    assert "AuthorizationFailure" in dns["reason"]
     assert "privatelink.blob.core.windows.net" in dns["hint"]
-    # nothing is sent to a public address: the network checks after it are skipped
-    assert check(report, "tcp")["status"] == "SKIP"
-    assert report["exit_code"] == 2
 
 
 def test_dns_configured_extra_range_passes(dns_harness):
     dns_harness.write_config(DOCTOR_PRIVATE_RANGES="100.64.0.0/10")
-    report = doctor_with_hosts(dns_harness, f"100.64.3.4 {ACCOUNT}.blob.core.windows.net")
+    report = doctor_with_hosts(dns_harness, f"100.64.3.4 {HOST}")
     assert check(report, "dns")["status"] == "PASS"
 
 
