@@ -162,6 +162,11 @@ def _http_hint(ctx: Context, e: Exception, writing: bool = False) -> tuple[str, 
     from ..storage.azure_blob import _describe
 
     text = _describe(e) if isinstance(e, AzureError) else str(e)
+    # The store's own one-size hint in parentheses gives way to doctor's, which knows the route.
+    from ..storage import azure_blob
+
+    for store_hint in getattr(azure_blob, "_HINTS", {}).values():
+        text = text.replace(f" ({store_hint})", "")
     status, code, rid = refusal(e)
     if rid and rid not in text:
         text = f"{text} [request id {rid}]"

@@ -346,3 +346,81 @@ def test_privatelink_endpoint_is_refused(dns_harness):
     proc = dns_harness.cli("doctor")
     assert proc.returncode == 78
     assert "privatelink" in proc.stdout and "AZURE_BLOB_ENDPOINT" in proc.stdout
+
+
+# ---- refusals as Azure sends them (a loopback endpoint answering Azure's exact errors) ----------------------
+
+
+@pytest.fixture
+def refusing(tmp_path, media_roots):
+    from tests.support.azure_refusals import RefusingBlobEndpoint
+
+    stub = RefusingBlobEndpoint().start()
+    h = Harness(tmp_path, media_roots)
+    h.state_dir.mkdir()
+    h.settings = connection_string_settings(stub.connection_string, "media", media_roots, h.state_dir)
+    h.write_config()
+    yield h, stub
+    stub.stop()
+
+
+def test_firewall_refusal_is_reported_with_its_code_request_id_and_fix(refusing):
+    h, stub = refusing
+    stub.answers["container_properties"] = "AuthorizationFailure"
+    report = h.cli_json("doctor")
+    container = check(report, "container")
+    assert container["status"] == "FAIL", container
+    rid = next(s.request_id for s in stub.seen if s.op == "container_properties")
+    assert "403" in container["reason"] and "AuthorizationFailure" in container["reason"]
+    assert rid in container["reason"]
+    assert "firewall" in container["hint"]
+    assert "role assignment" not in container["hint"], "a firewall refusal is not an RBAC problem"
+    assert statuses(report)["list"] == statuses(report)["probe"] == "SKIP"
+    assert report["exit_code"] == 2
+
+
+def test_rbac_gap_is_reported_with_the_role_to_assign(refusing):
+    h, stub = refusing
+    stub.answers["container_properties"] = "AuthorizationPermissionMismatch"
+    report = h.cli_json("doctor")
+    container = check(report, "container")
+    assert container["status"] == "FAIL"
+    assert "AuthorizationPermissionMismatch" in container["reason"]
+    assert "Storage Blob Data Contributor" in container["hint"] and "az role assignment create" in container["hint"]
+    assert "firewall" not in container["hint"]
+
+
+def test_missing_container_as_azure_says_it(refusing):
+    h, stub = refusing
+    stub.answers["container_properties"] = "ContainerNotFound"
+    report = h.cli_json("doctor")
+    container = check(report, "container")
+    assert container["status"] == "FAIL" and "404" in container["reason"] and "ContainerNotFound" in container["reason"]
+    assert container["hint"].startswith("create the container") and "AZURE_STORAGE_CONTAINER_NAME" in container["hint"]
+
+
+def test_a_refused_listing_fails_doctor_although_the_container_answers(refusing):
+    """Listing is what migrate, verify and reconcile need; doctor must send it (List Blobs with
+    maxresults=1), not only Get Container Properties, or a listing problem passes."""
+    h, stub = refusing
+    stub.answers["list"] = "AuthorizationPermissionMismatch"
+    report = h.cli_json("doctor")
+    got = statuses(report)
+    assert got["container"] == "PASS", report
+    listing = check(report, "list")
+    assert listing["status"] == "FAIL", listing
+    assert "AuthorizationPermissionMismatch" in listing["reason"]
+    assert "Storage Blob Data Contributor" in listing["hint"]
+    lists = [s for s in stub.seen if s.op == "list"]
+    assert lists and lists[0].query.get("maxresults") == "1" and lists[0].method == "GET"
+    assert report["exit_code"] == 2
+
+
+def test_a_listing_that_answers_passes_and_a_read_only_role_fails_the_probe(refusing):
+    h, stub = refusing
+    report = h.cli_json("doctor")
+    got = statuses(report)
+    assert got["container"] == got["list"] == "PASS", report
+    probe = check(report, "probe")
+    assert probe["status"] == "FAIL" and "AuthorizationPermissionMismatch" in probe["reason"]
+    assert "Reader is not enough" in probe["hint"]
