@@ -186,6 +186,8 @@ def test_managed_identity_token_tls_and_probe_pass(oauth_harness, token_server):
     report = json.loads(proc.stdout)
     got = statuses(report)
     assert got["tls"] == got["token"] == got["container"] == got["probe"] == "PASS", report
+    # The listing with a bearer token: the request Azure refuses without a recent x-ms-version.
+    assert got["list"] == "PASS", report
     token = check(report, "token")
     assert token["details"]["expires_in_minutes"] > 30
     assert "expires" in token["reason"]
