@@ -160,9 +160,8 @@ class ManagedIdentity:
             )
         if last is not None and last in IMDS_RETRIED:
             return (
-                f"{where} is unavailable: HTTP {last} for {who} after {tries}; IMDS answers so while it updates or "
-                "an identity is being assigned (404/410), throttles (429) or fails (5xx). Nothing is lost: the "
-                "agent tries again later"
+                f"{where} is unavailable: HTTP {last} for {who} after {tries} (404/410: updating or an identity "
+                "being assigned; 429: throttled; 5xx: failing). Nothing is lost: the agent tries again later"
             )
         if a.sent and not a.statuses:
             return (

@@ -195,7 +195,8 @@ def test_managed_identity_token_tls_and_probe_pass(oauth_harness, token_server):
 
 
 def test_token_endpoint_failure_fails_the_token_check(oauth_harness, token_server):
-    token_server.fail_next(10, status=500)
+    token_server.fail_next(100, status=500)
+    oauth_harness.write_config(AZURE_CREDENTIAL_RETRY_TIMEOUT="3")
     env = {"AZURE_POD_IDENTITY_AUTHORITY_HOST": token_server.url}
     report = oauth_harness.cli_json("doctor", env=env)
     assert statuses(report)["token"] == "FAIL"
