@@ -5,7 +5,7 @@ nothing).
 
 Tokens live 20 s here, inside azure-core's 5-minute refresh window, so every request that finds its
 token due asks IMDS again. The work is held up (waiting for a state: the first token's expiry, never
-for a duration) until the first token is dead, so it can only finish with fresh ones.
+for a duration) until the token in use is dead, so it can only finish with fresh ones.
 """
 
 from __future__ import annotations
@@ -60,17 +60,19 @@ def container(azurite_oauth, tls):
     return name
 
 
-def wait_until_first_token_expired(server) -> None:
+def wait_until_current_token_expired(server) -> float:
+    """Wait until the newest token handed out so far (the one the work is using) is dead; its expiry."""
     issued = server.issued
     assert issued, "no token was issued before the wait"
-    deadline = issued[0]["exp"] + 1
+    deadline = issued[-1]["exp"] + 1
     while time.time() <= deadline:
         time.sleep(0.2)
+    return deadline
 
 
-def outlived_the_first_token(server) -> bool:
-    issued = server.issued
-    return len(issued) >= 2 and issued[-1]["exp"] - LIFETIME > issued[0]["exp"]
+def fresh_token_after(server, deadline: float) -> bool:
+    """A token was minted at or after `deadline`, a second past the old one's expiry (mint: exp = int(now) + lifetime)."""
+    return any(t["exp"] - LIFETIME >= deadline for t in server.issued)
 
 
 def test_a_migration_outliving_its_tokens_finishes(
@@ -91,21 +93,23 @@ def test_a_migration_outliving_its_tokens_finishes(
     small = [make_content_addressed(media_roots["audio"], 5000 + i, "mp3", seed=700 + i) for i in range(3)]
     big = make_content_addressed(media_roots["video"], 1024 * 1024 + 7, "mp4", seed=710)  # 5 blocks of 256 KiB
 
-    # Every transfer after the first waits until the first token is dead.
-    calls = {"n": 0}
+    # Held up twice, each time until the token in use is dead: in the middle of the block upload
+    # (before its second block) and between two files.
+    calls = {"put": 0, "stage_block": 0}
+    deadlines: list[float] = []
     original_put, original_stage = AzureBlobStore.put, AzureBlobStore.stage_block
 
-    def held(fn):
+    def held(fn, name):
         def wrapper(self, *args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] > 1:
-                wait_until_first_token_expired(short_tokens)
+            calls[name] += 1
+            if calls[name] == 2:
+                deadlines.append(wait_until_current_token_expired(short_tokens))
             return fn(self, *args, **kwargs)
 
         return wrapper
 
-    monkeypatch.setattr(AzureBlobStore, "put", held(original_put))
-    monkeypatch.setattr(AzureBlobStore, "stage_block", held(original_stage))
+    monkeypatch.setattr(AzureBlobStore, "put", held(original_put, "put"))
+    monkeypatch.setattr(AzureBlobStore, "stage_block", held(original_stage, "stage_block"))
 
     result, code = migrate.run(h.config(), migrate.Options(interactive=False))
     assert code == 0, result
@@ -113,7 +117,8 @@ def test_a_migration_outliving_its_tokens_finishes(
     names = blobs(azurite_oauth, tls, container)
     for path, sha in [*small, big]:
         assert f"{path.parent.name}/{sha}{path.suffix}" in names
-    assert outlived_the_first_token(short_tokens), short_tokens.issued
+    assert len(deadlines) == 2, calls
+    assert all(fresh_token_after(short_tokens, d) for d in deadlines), (deadlines, short_tokens.issued)
     assert {r.client_id for r in short_tokens.token_requests(kind="imds")} == {client_id}
 
 
@@ -134,10 +139,10 @@ def test_a_long_stream_read_and_a_later_seek_outlive_their_tokens(
     chunks = source.read_range(name, 0, len(data), chunk_size=256 * 1024)
     got = [next(chunks)]
     # A viewer pauses: the token the read started with dies while the response is open.
-    wait_until_first_token_expired(short_tokens)
+    deadline = wait_until_current_token_expired(short_tokens)
     got.extend(chunks)
     assert b"".join(got) == data
     # Then seeks: a new request, which needs (and gets) a fresh token.
     seek = b"".join(source.read_range(name, 2 * 1024 * 1024, 1024 * 1024))
     assert seek == data[2 * 1024 * 1024 : 3 * 1024 * 1024]
-    assert outlived_the_first_token(short_tokens), short_tokens.issued
+    assert fresh_token_after(short_tokens, deadline), short_tokens.issued
