@@ -94,6 +94,8 @@ class Config:
     ca_bundle: Path | None = None
     connection_string: Secret | None = None
     credential_timeout: float = 10.0
+    # The whole of one token fetch, retries and backoff included (credential_timeout bounds each try).
+    credential_retry_timeout: float = 90.0
     network_timeout: float = 30.0
     delete_local: bool = False
     mysql: MysqlConfig | None = None
@@ -526,6 +528,9 @@ def load(
         auth_mode=auth_mode,
         connection_string=connection_string,
         credential_timeout=float(num("AZURE_CREDENTIAL_TIMEOUT", 10.0, 1.0, 300.0)),
+        # 90 s: IMDS answers 410 for up to 70 s while it updates, and azure-identity's retries
+        # for it need that long (docs/azure-infrastructure.md, "IMDS").
+        credential_retry_timeout=float(num("AZURE_CREDENTIAL_RETRY_TIMEOUT", 90.0, 1.0, 900.0)),
         network_timeout=float(num("AZURE_NETWORK_TIMEOUT", 30.0, 1.0, 600.0)),
         delete_local=r.boolean("DELETE_LOCAL_AFTER_UPLOAD", False),
         mysql=mysql,

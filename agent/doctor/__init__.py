@@ -1,8 +1,9 @@
 """`gighive-media doctor`: the Phase 0 verification steps, automated.
 
 Each check is a function `check(ctx) -> Check` in one of the modules here, grouped by what it
-looks at: `network` (DNS, TCP, TLS), `azure` (token, container, probe blob), `host` (media roots,
-state directory, MySQL, units). A check says PASS, WARN, FAIL or SKIP, why, and what to do.
+looks at: `network` (DNS and the route it implies, TCP, TLS), `azure` (token, container, a
+listing, probe blob), `host` (media roots, state directory, MySQL, units). A check says PASS,
+WARN, FAIL or SKIP, why, and what to do.
 
 Exit code: the worst result, in the Nagios plugin convention so a monitoring system can run it
 as is: 0 every check passed (or was skipped), 1 a WARN and no FAIL, 2 at least one FAIL.
@@ -116,6 +117,7 @@ def _checks() -> list[Callable[[Context], Check]]:
         network.check_tls,
         azure.check_token,
         azure.check_container,
+        azure.check_list,
         azure.check_probe,
         host.check_media_roots,
         host.check_state_dir,

@@ -60,11 +60,14 @@ def imds(monkeypatch, token_server):
     for var in _OTHER_MI_SOURCES:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", token_server.url)
+    # As on a VM: only identities assigned to it (add_identity) get tokens.
+    monkeypatch.setattr(token_server, "require_known_identity", True)
     return token_server
 
 
 def test_user_assigned_managed_identity(tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds):
     client_id = str(uuid.uuid4())
+    imds.add_identity(client_id)
     h = oauth_harness(
         tmp_path,
         media_roots,
@@ -81,6 +84,12 @@ def test_user_assigned_managed_identity(tmp_path, media_roots, azurite_oauth, tl
     fetched = imds.token_requests(kind="imds")
     assert fetched, "the managed identity endpoint was never asked"
     assert {r.client_id for r in fetched} == {client_id}
+    # What real IMDS insists on (the loopback IMDS refuses anything else with IMDS's own 400s).
+    first = fetched[0]
+    assert first.status == 200 and first.headers.get("metadata") == "true"
+    assert "api-version=2018-02-01" in first.path and f"client_id={client_id}" in first.path
+    assert first.resource.rstrip("/") == "https://storage.azure.com"
+    assert "x-forwarded-for" not in first.headers
     # One token serves the whole run (several block requests): it is cached, not refetched per call.
     assert len(fetched) == 1
 
@@ -95,13 +104,157 @@ def test_system_assigned_managed_identity(tmp_path, media_roots, azurite_oauth, 
 def test_managed_identity_endpoint_failing_records_a_retryable_failure(
     tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds
 ):
-    h = oauth_harness(tmp_path, media_roots, azurite_oauth, tls, oauth_container, AZURE_AUTH_MODE="managed_identity")
+    h = oauth_harness(
+        tmp_path,
+        media_roots,
+        azurite_oauth,
+        tls,
+        oauth_container,
+        AZURE_AUTH_MODE="managed_identity",
+        AZURE_CREDENTIAL_RETRY_TIMEOUT="3",
+    )
     path, _ = make_content_addressed(media_roots["audio"], 3000, "mp3", seed=23)
     imds.fail_next(50, status=500)
     result = upload.run(h.config(), watch=False)
     assert result["failed"] == 1
     assert "token" in result["errors"][0]["error"]
     assert path.exists()
+
+
+# ---- IMDS as Azure serves it: retried statuses, outages, hangs, identities being assigned ---------------------
+
+
+def mi_config(tmp_path, media_roots, azurite_oauth, tls, container, client_id=None, **settings):
+    extra = {"AZURE_CLIENT_ID": client_id} if client_id else {}
+    return oauth_harness(
+        tmp_path, media_roots, azurite_oauth, tls, container, AZURE_AUTH_MODE="managed_identity", **extra, **settings
+    ).config()
+
+
+def imds_statuses(imds) -> list[int]:
+    return [r.status for r in imds.token_requests(kind="imds")]
+
+
+def test_imds_throttling_and_server_errors_are_retried_until_a_token_comes(
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds
+):
+    """Microsoft: retry 429 and 5xx with exponential backoff. azure-identity's ImdsRetryPolicy does;
+    the agent must not have switched it off or shortened it below these."""
+    client_id = str(uuid.uuid4())
+    imds.add_identity(client_id)
+    imds.fail_next(1, status=429)
+    imds.fail_next(1, status=500)
+    imds.fail_next(1, status=503)
+    cfg = mi_config(tmp_path, media_roots, azurite_oauth, tls, oauth_container, client_id)
+    _, sha = make_content_addressed(media_roots["audio"], 3000, "mp3", seed=30)
+    result = upload.run(cfg, watch=False)
+    assert result["uploaded"] == 1, result
+    assert imds_statuses(imds) == [429, 500, 503, 200]
+    assert f"audio/{sha}.mp3" in blobs(azurite_oauth, tls, oauth_container)
+
+
+def test_imds_404_and_410_while_the_identity_is_being_assigned_are_waited_out(
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds
+):
+    """Right after `az vm identity assign`, IMDS answers 404, or 410 while it updates (for up to 70 s);
+    both are retried, not reported as a missing identity."""
+    client_id = str(uuid.uuid4())
+    imds.add_identity(client_id, settling=1, status=410)
+    imds.fail_next(1, status=404)
+    cfg = mi_config(tmp_path, media_roots, azurite_oauth, tls, oauth_container, client_id)
+    make_content_addressed(media_roots["audio"], 3000, "mp3", seed=31)
+    assert upload.run(cfg, watch=False)["uploaded"] == 1
+    assert imds_statuses(imds) == [410, 404, 200]
+
+
+def test_imds_outage_is_reported_as_an_outage_naming_imds(
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds
+):
+    from agent.storage import StoreUnavailable
+    from agent.storage.azure_blob import AzureBlobStore
+
+    client_id = str(uuid.uuid4())
+    imds.add_identity(client_id)
+    imds.fail_next(1000, status=503)
+    cfg = mi_config(
+        tmp_path, media_roots, azurite_oauth, tls, oauth_container, client_id, AZURE_CREDENTIAL_RETRY_TIMEOUT="3"
+    )
+    with pytest.raises(StoreUnavailable) as raised:
+        AzureBlobStore(cfg).stat("audio/none.mp3")
+    e = raised.value
+    assert e.outage is True
+    text = str(e)
+    assert "IMDS" in text and "unavailable" in text and "HTTP 503" in text and client_id in text, text
+    # More than one try: the retries ran, inside the bound.
+    assert len(imds.token_requests(kind="imds")) >= 2
+
+    # The upload run stops at the outage (instead of failing file after file) and keeps the file.
+    path, _ = make_content_addressed(media_roots["audio"], 3000, "mp3", seed=32)
+    result = upload.run(cfg, watch=False)
+    assert result["uploaded"] == 0 and path.exists()
+    assert result["outage"] and "IMDS" in result["outage"], result
+
+
+def test_a_hung_imds_is_bounded_and_named(tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds):
+    """IMDS that accepts the connection and never answers: each try ends after AZURE_CREDENTIAL_TIMEOUT,
+    the whole fetch after AZURE_CREDENTIAL_RETRY_TIMEOUT (the hang itself would last 10 minutes)."""
+    from agent.storage import StoreUnavailable
+    from agent.storage.azure_blob import AzureBlobStore
+
+    imds.hang_next(1000, seconds=600)
+    cfg = mi_config(
+        tmp_path,
+        media_roots,
+        azurite_oauth,
+        tls,
+        oauth_container,
+        AZURE_CREDENTIAL_TIMEOUT="1",
+        AZURE_CREDENTIAL_RETRY_TIMEOUT="4",
+    )
+    with pytest.raises(StoreUnavailable) as raised:
+        AzureBlobStore(cfg).stat("audio/none.mp3")
+    assert raised.value.outage is True
+    text = str(raised.value)
+    assert "IMDS" in text and "did not answer" in text and "system-assigned" not in text, text
+    assert "IPAddressAllow" in text
+
+
+def test_unassigned_client_id_names_the_identity_and_the_fix(
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds
+):
+    """IMDS answers 400 Identity not found for a client id not assigned to the VM (often the identity's
+    principal id pasted instead of its client id): not retried, and said in those words."""
+    wrong = str(uuid.uuid4())
+    cfg = mi_config(tmp_path, media_roots, azurite_oauth, tls, oauth_container, wrong)
+    path, _ = make_content_addressed(media_roots["audio"], 3000, "mp3", seed=33)
+    result = upload.run(cfg, watch=False)
+    assert result["uploaded"] == 0 and path.exists()
+    text = result["outage"] or result["errors"][0]["error"]
+    assert wrong in text and "AZURE_CLIENT_ID" in text and "principal" in text, text
+    # One fetch is one request: a 400 is a design-time error, never retried.
+    from agent.storage.azure_auth import STORAGE_SCOPE, TokenUnavailable, build_credential
+
+    imds.reset()
+    with pytest.raises(TokenUnavailable):
+        build_credential(cfg).get_token(STORAGE_SCOPE)
+    assert imds_statuses(imds) == [400]
+
+
+def test_imds_is_reached_directly_never_through_a_proxy(
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, imds, monkeypatch
+):
+    """Microsoft: bypass web proxies when querying IMDS. A proxy in the environment (here a dead one)
+    must not carry the token request."""
+    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    client_id = str(uuid.uuid4())
+    imds.add_identity(client_id)
+    cfg = mi_config(tmp_path, media_roots, azurite_oauth, tls, oauth_container, client_id)
+    make_content_addressed(media_roots["audio"], 3000, "mp3", seed=34)
+    assert upload.run(cfg, watch=False)["uploaded"] == 1
+    assert imds_statuses(imds) == [200]
 
 
 def sp_harness(tmp_path, media_roots, azurite_oauth, tls, container, entra, client_id, **settings) -> Harness:

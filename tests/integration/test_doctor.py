@@ -46,6 +46,8 @@ def test_all_checks_pass_against_azurite(harness):
     report = json.loads(proc.stdout)
     got = statuses(report)
     assert got["config"] == got["dns"] == got["tcp"] == got["container"] == got["probe"] == "PASS", report
+    # The listing migrate, verify and reconcile depend on is exercised too.
+    assert got["list"] == "PASS", report
     assert got["media_roots"] == got["state_dir"] == "PASS", report
     # http to a loopback emulator: no TLS; the dev key: no token; no MySQL; no units on this host
     assert got["tls"] == got["token"] == got["mysql"] == "SKIP"
@@ -184,6 +186,8 @@ def test_managed_identity_token_tls_and_probe_pass(oauth_harness, token_server):
     report = json.loads(proc.stdout)
     got = statuses(report)
     assert got["tls"] == got["token"] == got["container"] == got["probe"] == "PASS", report
+    # The listing with a bearer token: the request Azure refuses without a recent x-ms-version.
+    assert got["list"] == "PASS", report
     token = check(report, "token")
     assert token["details"]["expires_in_minutes"] > 30
     assert "expires" in token["reason"]
@@ -191,11 +195,13 @@ def test_managed_identity_token_tls_and_probe_pass(oauth_harness, token_server):
 
 
 def test_token_endpoint_failure_fails_the_token_check(oauth_harness, token_server):
-    token_server.fail_next(10, status=500)
+    token_server.fail_next(100, status=500)
+    oauth_harness.write_config(AZURE_CREDENTIAL_RETRY_TIMEOUT="3")
     env = {"AZURE_POD_IDENTITY_AUTHORITY_HOST": token_server.url}
     report = oauth_harness.cli_json("doctor", env=env)
     assert statuses(report)["token"] == "FAIL"
     assert statuses(report)["container"] == "SKIP"
+    assert "IMDS" in check(report, "token")["reason"]
 
 
 def test_tls_without_the_ca_fails_verification(oauth_harness, token_server):
@@ -211,13 +217,20 @@ def test_tls_without_the_ca_fails_verification(oauth_harness, token_server):
 # ---- DNS: resolver answers controlled by the test ------------------------------------------------------------
 
 
-def doctor_with_hosts(h: Harness, hosts_line: str) -> dict:
+def doctor_with_hosts(h: Harness, hosts_line: str, azure_vm: bool = False) -> dict:
+    """doctor with /etc/hosts and the DMI chassis asset tag (how doctor knows an Azure VM) of the test's
+    choosing: lines "<address> <canonical name> <alias>..." give the resolver the CNAME chain a DNS
+    server would (the first name is the end of the chain)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) to give the CLI its own /etc/hosts")
     hosts = h.tmp / "hosts"
     hosts.write_text(f"127.0.0.1 localhost\n{hosts_line}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
-    script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
+    tag = "7783-7084-3265-9085-8269-3286-77" if azure_vm else ""
+    script = (
+        'mount --bind "$1" /etc/hosts && mount -t tmpfs none /sys/class && mkdir -p /sys/class/dmi/id && '
+        'if [ -n "$2" ]; then echo "$2" > /sys/class/dmi/id/chassis_asset_tag; fi && shift 2 && exec "$@"'
+    )
     proc = subprocess.run(
         [
             "unshare",
@@ -229,6 +242,7 @@ def doctor_with_hosts(h: Harness, hosts_line: str) -> dict:
             script,
             "sh",
             str(hosts),
+            tag,
             sys.executable,
             "-m",
             "agent",
@@ -243,6 +257,7 @@ def doctor_with_hosts(h: Harness, hosts_line: str) -> dict:
         cwd=REPO,
         env=env,
     )
+    assert proc.stdout, proc.stderr
     return json.loads(proc.stdout)
 
 
@@ -255,31 +270,71 @@ def dns_harness(harness):
         AZURE_STORAGE_ACCOUNT_NAME=ACCOUNT,
         AZURE_NETWORK_TIMEOUT="1",
         AZURE_CREDENTIAL_TIMEOUT="1",
+        AZURE_CREDENTIAL_RETRY_TIMEOUT="2",
     )
     return harness
 
 
+HOST = f"{ACCOUNT}.blob.core.windows.net"
+PRIVATELINK = f"{ACCOUNT}.privatelink.blob.core.windows.net"
+STAMP = "blob.ams23prdstr02a.store.core.windows.net"
+
+
 def test_dns_private_address_passes(dns_harness):
-    report = doctor_with_hosts(dns_harness, f"10.20.1.4 {ACCOUNT}.blob.core.windows.net")
+    report = doctor_with_hosts(dns_harness, f"10.20.1.4 {HOST}")
     dns = check(report, "dns")
     assert dns["status"] == "PASS", dns
     assert dns["details"]["addresses"] == ["10.20.1.4"]
+    assert dns["details"]["path"] == "private_address"
 
 
-def test_dns_public_address_fails_with_private_dns_hint(dns_harness):
-    report = doctor_with_hosts(dns_harness, f"203.0.113.7 {ACCOUNT}.blob.core.windows.net")
+def test_private_endpoint_is_recognised_by_its_privatelink_name_and_private_address(dns_harness):
+    report = doctor_with_hosts(dns_harness, f"10.20.1.4 {PRIVATELINK} {HOST}")
     dns = check(report, "dns")
-    assert dns["status"] == "FAIL", dns
-    assert "public address" in dns["reason"]
+    assert dns["status"] == "PASS", dns
+    assert dns["details"]["path"] == "private_endpoint"
+    assert dns["details"]["privatelink_name"] == PRIVATELINK
+    assert dns["reason"].startswith("Private Endpoint:") and "10.20.1.4" in dns["reason"]
+
+
+def test_service_endpoint_on_an_azure_vm_passes_and_says_so(dns_harness):
+    """GigHive's own Terraform: no Private Endpoint, a Microsoft.Storage service endpoint on the VM's
+    subnet; the name resolves straight to the storage stamp's public address. Not a failure."""
+    report = doctor_with_hosts(dns_harness, f"20.60.1.2 {STAMP} {HOST}", azure_vm=True)
+    dns = check(report, "dns")
+    assert dns["status"] == "PASS", dns
+    assert dns["details"]["path"] == "service_endpoint"
+    assert dns["details"]["storage_stamp"] == STAMP and dns["details"]["azure_vm"] is True
+    assert "service endpoint" in dns["reason"] and "20.60.1.2" in dns["reason"]
+    # The route is public and legitimate: the network checks go on (and decide) instead of being skipped.
+    assert check(report, "tcp")["status"] != "SKIP"
+    assert "skipped" not in check(report, "tcp")["reason"]
+
+
+def test_public_address_off_azure_warns_in_plain_words(dns_harness):
+    report = doctor_with_hosts(dns_harness, f"203.0.113.7 {STAMP} {HOST}", azure_vm=False)
+    dns = check(report, "dns")
+    assert dns["status"] == "WARN", dns
+    assert dns["details"]["path"] == "public_internet"
+    assert "not an Azure VM" in dns["reason"] and "internet" in dns["reason"]
+    assert "Private Endpoint" in dns["hint"]
+    assert check(report, "tcp")["status"] != "SKIP"
+
+
+def test_private_endpoint_that_this_hosts_dns_bypasses_warns(dns_harness):
+    """The account has a Private Endpoint (the CNAME to privatelink is there) but this host's DNS has no
+    private zone, so it gets the public address: requests would go to the public endpoint."""
+    report = doctor_with_hosts(dns_harness, f"20.60.1.2 {STAMP} {PRIVATELINK} {HOST}", azure_vm=True)
+    dns = check(report, "dns")
+    assert dns["status"] == "WARN", dns
+    assert dns["details"]["path"] == "private_endpoint_bypassed"
+    assert "AuthorizationFailure" in dns["reason"]
     assert "privatelink.blob.core.windows.net" in dns["hint"]
-    # nothing is sent to a public address: the network checks after it are skipped
-    assert check(report, "tcp")["status"] == "SKIP"
-    assert report["exit_code"] == 2
 
 
 def test_dns_configured_extra_range_passes(dns_harness):
     dns_harness.write_config(DOCTOR_PRIVATE_RANGES="100.64.0.0/10")
-    report = doctor_with_hosts(dns_harness, f"100.64.3.4 {ACCOUNT}.blob.core.windows.net")
+    report = doctor_with_hosts(dns_harness, f"100.64.3.4 {HOST}")
     assert check(report, "dns")["status"] == "PASS"
 
 
@@ -294,3 +349,81 @@ def test_privatelink_endpoint_is_refused(dns_harness):
     proc = dns_harness.cli("doctor")
     assert proc.returncode == 78
     assert "privatelink" in proc.stdout and "AZURE_BLOB_ENDPOINT" in proc.stdout
+
+
+# ---- refusals as Azure sends them (a loopback endpoint answering Azure's exact errors) ----------------------
+
+
+@pytest.fixture
+def refusing(tmp_path, media_roots):
+    from tests.support.azure_refusals import RefusingBlobEndpoint
+
+    stub = RefusingBlobEndpoint().start()
+    h = Harness(tmp_path, media_roots)
+    h.state_dir.mkdir()
+    h.settings = connection_string_settings(stub.connection_string, "media", media_roots, h.state_dir)
+    h.write_config()
+    yield h, stub
+    stub.stop()
+
+
+def test_firewall_refusal_is_reported_with_its_code_request_id_and_fix(refusing):
+    h, stub = refusing
+    stub.answers["container_properties"] = "AuthorizationFailure"
+    report = h.cli_json("doctor")
+    container = check(report, "container")
+    assert container["status"] == "FAIL", container
+    rid = next(s.request_id for s in stub.seen if s.op == "container_properties")
+    assert "403" in container["reason"] and "AuthorizationFailure" in container["reason"]
+    assert rid in container["reason"]
+    assert "firewall" in container["hint"]
+    assert "role assignment" not in container["hint"], "a firewall refusal is not an RBAC problem"
+    assert statuses(report)["list"] == statuses(report)["probe"] == "SKIP"
+    assert report["exit_code"] == 2
+
+
+def test_rbac_gap_is_reported_with_the_role_to_assign(refusing):
+    h, stub = refusing
+    stub.answers["container_properties"] = "AuthorizationPermissionMismatch"
+    report = h.cli_json("doctor")
+    container = check(report, "container")
+    assert container["status"] == "FAIL"
+    assert "AuthorizationPermissionMismatch" in container["reason"]
+    assert "Storage Blob Data Contributor" in container["hint"] and "az role assignment create" in container["hint"]
+    assert "firewall" not in container["hint"]
+
+
+def test_missing_container_as_azure_says_it(refusing):
+    h, stub = refusing
+    stub.answers["container_properties"] = "ContainerNotFound"
+    report = h.cli_json("doctor")
+    container = check(report, "container")
+    assert container["status"] == "FAIL" and "404" in container["reason"] and "ContainerNotFound" in container["reason"]
+    assert container["hint"].startswith("create the container") and "AZURE_STORAGE_CONTAINER_NAME" in container["hint"]
+
+
+def test_a_refused_listing_fails_doctor_although_the_container_answers(refusing):
+    """Listing is what migrate, verify and reconcile need; doctor must send it (List Blobs with
+    maxresults=1), not only Get Container Properties, or a listing problem passes."""
+    h, stub = refusing
+    stub.answers["list"] = "AuthorizationPermissionMismatch"
+    report = h.cli_json("doctor")
+    got = statuses(report)
+    assert got["container"] == "PASS", report
+    listing = check(report, "list")
+    assert listing["status"] == "FAIL", listing
+    assert "AuthorizationPermissionMismatch" in listing["reason"]
+    assert "Storage Blob Data Contributor" in listing["hint"]
+    lists = [s for s in stub.seen if s.op == "list"]
+    assert lists and lists[0].query.get("maxresults") == "1" and lists[0].method == "GET"
+    assert report["exit_code"] == 2
+
+
+def test_a_listing_that_answers_passes_and_a_read_only_role_fails_the_probe(refusing):
+    h, stub = refusing
+    report = h.cli_json("doctor")
+    got = statuses(report)
+    assert got["container"] == got["list"] == "PASS", report
+    probe = check(report, "probe")
+    assert probe["status"] == "FAIL" and "AuthorizationPermissionMismatch" in probe["reason"]
+    assert "Reader is not enough" in probe["hint"]

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import secrets
 import ssl
 import threading
@@ -35,6 +36,58 @@ STORAGE_RESOURCE = "https://storage.azure.com"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # IMDS answers for the VM's system-assigned identity when the request names no identity.
 SYSTEM_ASSIGNED = "system-assigned"
+# The versions IMDS publishes (instance-metadata-service, "Supported API versions"); the identity
+# endpoint needs 2018-02-01 or later ("Use API version 2018-02-01 or greater", how-to-use-vm-token).
+IMDS_API_VERSIONS = frozenset(
+    [
+        "2018-02-01",
+        "2018-04-02",
+        "2018-10-01",
+        "2019-02-01",
+        "2019-03-11",
+        "2019-04-30",
+        "2019-06-01",
+        "2019-06-04",
+        "2019-08-01",
+        "2019-08-15",
+        "2019-11-01",
+        "2020-06-01",
+        "2020-07-15",
+        "2020-09-01",
+        "2020-10-01",
+        "2020-12-01",
+        "2021-01-01",
+        "2021-02-01",
+        "2021-03-01",
+        "2021-05-01",
+        "2021-10-01",
+        "2021-11-01",
+        "2021-11-15",
+        "2021-12-13",
+        "2023-07-01",
+        "2023-11-15",
+        "2024-03-15",
+        "2025-04-07",
+    ]
+)
+# Resources (App ID URIs) a token may be asked for; anything else is Entra's AADSTS500011.
+IMDS_RESOURCES = frozenset(
+    (
+        "https://storage.azure.com",
+        "https://management.azure.com",
+        "https://vault.azure.net",
+        "https://database.windows.net",
+    )
+)
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+# What IMDS sends with the statuses Microsoft says to retry (how-to-use-vm-token, "Error handling").
+_IMDS_RETRYABLE_BODIES = {
+    404: ("not_found", "IMDS endpoint is updating."),
+    410: ("gone", "IMDS is going through updates; it will be available within 70 seconds."),
+    429: ("too_many_requests", "IMDS throttle limit reached."),
+    500: ("unknown", "Failed to retrieve token from the Active directory."),
+    503: ("unknown", "The managed identities subsystem is temporarily unavailable."),
+}
 
 
 def b64url(data: bytes) -> str:
@@ -76,10 +129,11 @@ class _Client:
 
 
 class _Failure(Exception):
-    def __init__(self, status: int, body: dict) -> None:
+    def __init__(self, status: int, body: dict, record: bool = True) -> None:
         super().__init__(status)
         self.status = status
         self.body = body
+        self.record = record
 
 
 def _aad_error(status: int, error: str, code: int, text: str) -> _Failure:
@@ -97,6 +151,11 @@ def _aad_error(status: int, error: str, code: int, text: str) -> _Failure:
             "error_uri": f"https://login.microsoftonline.com/error?code={code}",
         },
     )
+
+
+def _imds_unavailable(status: int) -> _Failure:
+    error, text = _IMDS_RETRYABLE_BODIES.get(status, ("unknown", "Injected failure."))
+    return _Failure(status, {"error": error, "error_description": text})
 
 
 class TokenServer:
@@ -128,6 +187,11 @@ class TokenServer:
         # as a VM does for identities not assigned to it.
         self.require_known_identity = require_known_identity
         self._identities: set[str] = set()
+        # client id -> statuses still to answer for it (IMDS answers 404/410 while an identity is
+        # being assigned to the VM, until the assignment has reached it).
+        self._settling: dict[str, list[int]] = {}
+        self._hangs: list[float] = []
+        self._release = threading.Event()
         self._clients: dict[str, _Client] = {}
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._kid = secrets.token_hex(8)
@@ -176,10 +240,19 @@ class TokenServer:
         with self._lock:
             self._clients[client_id] = _Client(client_id, secret, certificate)
 
-    def add_identity(self, client_id: str) -> None:
-        """Assign a user-assigned managed identity (only matters with require_known_identity)."""
+    def add_identity(self, client_id: str, *, settling: int = 0, status: int = 404) -> None:
+        """Assign a user-assigned managed identity (only matters with require_known_identity).
+        settling: the first n token requests for it answer `status` (404 or 410), as IMDS does
+        while a new assignment reaches the VM."""
         with self._lock:
             self._identities.add(client_id)
+            self._settling[client_id] = [status] * settling
+
+    def hang_next(self, n: int = 1, seconds: float = 3600.0) -> None:
+        """The next n IMDS token requests get no answer for `seconds` (a slow or hung IMDS); reset()
+        or stop() lets them go."""
+        with self._lock:
+            self._hangs.extend([seconds] * n)
 
     def fail_next(self, n: int = 1, status: int = 500) -> None:
         """The next n token requests (IMDS or Entra token endpoint, not discovery) fail with status.
@@ -201,7 +274,11 @@ class TokenServer:
             self._requests.clear()
             self._failures.clear()
             self._issued.clear()
+            self._hangs.clear()
+            self._settling.clear()
             self._lifetime = self._default_lifetime
+        self._release.set()
+        self._release = threading.Event()
 
     # -- observation -------------------------------------------------------------------------
     @property
@@ -284,6 +361,7 @@ class TokenServer:
     def stop(self) -> None:
         if self._server is None:
             return
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()
         if self._thread:
@@ -307,22 +385,62 @@ class TokenServer:
             return self._failures.pop(0) if self._failures else None
 
     def _imds(self, req: TokenRequest, query: dict[str, str], headers: dict[str, str]) -> dict:
+        """The managed-identity endpoint, checking what real IMDS checks, in its order."""
         req.auth = "managed-identity"
         req.resource = query.get("resource")
-        req.client_id = query.get("client_id") or query.get("object_id") or query.get("msi_res_id")
-        if headers.get("metadata", "").lower() != "true":
+        ids = {k: query[k] for k in ("client_id", "object_id", "msi_res_id", "mi_res_id") if query.get(k)}
+        req.client_id = ids.get("client_id") or ids.get("object_id") or ids.get("msi_res_id") or ids.get("mi_res_id")
+        with self._lock:
+            hang = self._hangs.pop(0) if self._hangs else None
+            release = self._release
+        if hang is not None and release.wait(hang):
+            # Let go by reset() or stop(): that test is over, so this request must not count in the next.
+            raise _Failure(0, {}, record=False)
+        # IMDS is reached directly, never through a proxy: it refuses forwarded requests.
+        if "x-forwarded-for" in headers:
+            raise _Failure(400, {"error": "invalid_request", "error_description": "Request is forwarded"})
+        # "This value must be set to true, in all lower case."
+        if headers.get("metadata") != "true":
             raise _Failure(
-                400, {"error": "invalid_request", "error_description": "Required metadata header not specified"}
+                400, {"error": "bad_request_102", "error_description": "Required metadata header not specified"}
+            )
+        version = query.get("api-version")
+        if version not in IMDS_API_VERSIONS:
+            said = "was not specified in the request" if not version else f"'{version}' is not supported"
+            raise _Failure(
+                400,
+                {
+                    "error": f"Bad request. api-version {said}. For more information refer to aka.ms/azureimds",
+                    "newest-versions": sorted(IMDS_API_VERSIONS, reverse=True)[:3],
+                },
             )
         if not req.resource:
             raise _Failure(
                 400, {"error": "invalid_request", "error_description": "Required audience parameter not specified"}
             )
+        if req.resource.rstrip("/") not in IMDS_RESOURCES:
+            raise _aad_error(
+                400,
+                "invalid_resource",
+                500011,
+                f"The resource principal named {req.resource} was not found in the tenant named {self.tenant_id}.",
+            )
+        if len(ids) > 1:
+            raise _Failure(
+                400, {"error": "invalid_request", "error_description": "Only one identity parameter may be specified"}
+            )
+        if "client_id" in ids and not _GUID.match(ids["client_id"]):
+            raise _Failure(400, {"error": "invalid_request", "error_description": "Identity not found"})
+        with self._lock:
+            settling = self._settling.get(req.client_id or "")
+            pending = settling.pop(0) if settling else None
+        if pending is not None:
+            raise _imds_unavailable(pending)
         if self.require_known_identity and req.client_id and req.client_id not in self._identities:
             raise _Failure(400, {"error": "invalid_request", "error_description": "Identity not found"})
         failure = self._take_failure()
         if failure is not None:
-            raise _Failure(failure, {"error": "server_error", "error_description": "injected failure"})
+            raise _imds_unavailable(failure)
         with self._lock:
             life = self._lifetime
         now = int(time.time())
@@ -552,7 +670,8 @@ def _make_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(200, answer)
             except _Failure as f:
                 req.status = f.status
-                server._record(req)
+                if f.record:
+                    server._record(req)
                 if f.status == 0:
                     self.close_connection = True
                     with contextlib.suppress(OSError):
