@@ -116,8 +116,9 @@ def test_managed_identity_endpoint_failing_records_a_retryable_failure(
     path, _ = make_content_addressed(media_roots["audio"], 3000, "mp3", seed=23)
     imds.fail_next(50, status=500)
     result = upload.run(h.config(), watch=False)
-    assert result["failed"] == 1
-    assert "token" in result["errors"][0]["error"]
+    # No token for anything: an outage, retried later, charging the file no attempt.
+    assert result["failed"] == 0 and result["held_back"] == 1
+    assert "token" in result["outage"] and "token" in result["errors"][0]["error"]
     assert path.exists()
 
 
@@ -363,7 +364,7 @@ def test_wrong_service_principal_secret_fails_clearly_and_keeps_the_file(
     )
     path, _ = make_content_addressed(media_roots["audio"], 3000, "mp3", seed=27)
     result = upload.run(h.config(), watch=False)
-    assert result["failed"] == 1
+    assert result["failed"] == 0 and result["held_back"] == 1  # every request would fail: an outage
     error = result["errors"][0]["error"]
     assert "cannot get a token" in error
     assert "a wrong one" not in error
