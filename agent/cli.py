@@ -34,6 +34,7 @@ COMMANDS = {
     "migrate": "move the existing local library to Blob (or back with --to-local), verified and resumable",
     "verify": "check uploaded files against their blobs (size, MD5, sha256; --readback downloads)",
     "reconcile": "compare local roots, the container and the DB pointers; repair the safe differences",
+    "fetch": "bring evicted files back to disk, verified, for a GigHive reader that needs them local",
     "doctor": "preflight: check config, DNS, TLS, token, container, roots, MySQL and units (PASS/WARN/FAIL)",
     "serve": "stream /audio/ and /video/ to the web front from local disk or Blob (started by the socket unit)",
 }
@@ -148,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="GigHive's assets table lost many rows since the agent last read it, on purpose: trust it anyway",
     )
+    p = sub.add_parser(
+        "fetch",
+        help=COMMANDS["fetch"],
+        description=COMMANDS["fetch"] + ". Exit code: 0 every file is on disk, 1 a file could not be fetched "
+        "(not in Blob, or its blob does not match its name: nothing written), 69 Azure unavailable.",
+        parents=[common],
+    )
+    p.add_argument("items", nargs="+", metavar="NAME", help="blob name (video/<sha>.mp4), URL path or local path")
+    p.add_argument(
+        "--keep-days",
+        type=float,
+        default=7.0,
+        metavar="DAYS",
+        help="keep the fetched files local this long before the eviction policy may take them again (default 7)",
+    )
     sub.add_parser(
         "doctor",
         help=COMMANDS["doctor"],
@@ -244,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         print(render_result(result))
     elif args.command in ("migrate", "verify", "reconcile"):
         print(_render(args, result))
+    elif args.command == "fetch":
+        from .actions.fetch import render
+
+        print(render(result))
     elif args.command in ("requeue", "db-migrate"):
         print(_one_line(args.command, result))
     return code
@@ -251,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
     command = args.command
-    if command in ("migrate", "verify", "reconcile") and not config.is_azure:
+    if command in ("migrate", "verify", "reconcile", "fetch") and not config.is_azure:
         raise ConfigError(
             "MEDIA_STORAGE_BACKEND",
             f"is local; `{command}` needs the azure_blob settings (for the way back, run "
@@ -316,6 +336,10 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
         from .actions import db_migrate
 
         return db_migrate.run(config), EXIT_OK
+    if command == "fetch":
+        from .actions import fetch
+
+        return fetch.run(config, args.items, args.keep_days)
     if command == "doctor":
         from .actions import doctor
 

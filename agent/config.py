@@ -98,6 +98,10 @@ class Config:
     credential_retry_timeout: float = 90.0
     network_timeout: float = 30.0
     delete_local: bool = False
+    # Eviction policy (agent/eviction_policy.py): which uploaded files may lose their local copy.
+    evict_min_age_days: float = 7.0
+    evict_above_disk_percent: float = 0.0
+    evict_wait_for_gighive: bool = True
     mysql: MysqlConfig | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     block_size: int = 8 * 1024 * 1024
@@ -134,6 +138,9 @@ class Config:
             "media_roots": {r.name: str(r.path) for r in self.roots},
             "content_addressed_roots": [r.name for r in self.roots if r.content_addressed],
             "delete_local_after_upload": self.delete_local,
+            "evict_min_age_days": self.evict_min_age_days,
+            "evict_above_disk_percent": self.evict_above_disk_percent,
+            "evict_wait_for_gighive": self.evict_wait_for_gighive,
             "database": (
                 f"mysql://{self.mysql.user}@{self.mysql.host}:{self.mysql.port}/{self.mysql.database}"
                 if self.mysql
@@ -533,6 +540,9 @@ def load(
         credential_retry_timeout=float(num("AZURE_CREDENTIAL_RETRY_TIMEOUT", 90.0, 1.0, 900.0)),
         network_timeout=float(num("AZURE_NETWORK_TIMEOUT", 30.0, 1.0, 600.0)),
         delete_local=r.boolean("DELETE_LOCAL_AFTER_UPLOAD", False),
+        evict_min_age_days=float(r.number("EVICT_MIN_AGE_DAYS", 7.0, 0.0, 36500.0)),
+        evict_above_disk_percent=float(r.number("EVICT_ABOVE_DISK_PERCENT", 0.0, 0.0, 99.0)),
+        evict_wait_for_gighive=r.boolean("EVICT_WAIT_FOR_GIGHIVE", True),
         mysql=mysql,
         retry=retry,
         block_size=r.size("UPLOAD_BLOCK_SIZE", 8 * 1024 * 1024, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE),

@@ -264,6 +264,37 @@ class PointerDB:
             return None
         return {(str(r[0]), str(r[1]).lower()) for r in self._execute("SELECT file_type, checksum_sha256 FROM assets")}
 
+    def busy_checksums(self) -> set[str]:
+        """sha256 of every asset GigHive is still working on: an `ai_jobs` row queued or running
+        for it, or an upload job in progress that holds it (tables absent: nothing is busy)."""
+        have = {
+            str(r[0]).lower()
+            for r in self._execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s "
+                "AND table_name IN ('ai_jobs', 'upload_jobs', 'upload_job_files', 'assets')",
+                (self.cfg.database,),
+            )
+        }
+        busy: set[str] = set()
+        if {"ai_jobs", "assets"} <= have:
+            busy |= {
+                str(r[0]).lower()
+                for r in self._execute(
+                    "SELECT a.checksum_sha256 FROM ai_jobs j JOIN assets a ON a.asset_id = j.target_id "
+                    "WHERE j.target_type = 'asset' AND j.status IN ('queued', 'running') "
+                    "AND a.checksum_sha256 IS NOT NULL"
+                )
+            }
+        if {"upload_jobs", "upload_job_files"} <= have:
+            busy |= {
+                str(r[0]).lower()
+                for r in self._execute(
+                    "SELECT f.checksum_sha256 FROM upload_job_files f JOIN upload_jobs u ON u.job_id = f.job_id "
+                    "WHERE u.status = 'in_progress'"
+                )
+            }
+        return busy
+
     def set_local_copy(self, media_path: str, local_copy: bool) -> None:
         self._execute(f"UPDATE `{TABLE}` SET local_copy = %s WHERE media_path = %s", (int(local_copy), media_path))
 

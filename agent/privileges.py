@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 SERVICE_USER = "gighive-media"
 
 # Commands that open the state or the queue lock for writing (or could create them).
-STATE_WRITERS = frozenset({"upload", "retry", "requeue", "migrate", "reconcile", "verify"})
+STATE_WRITERS = frozenset({"upload", "retry", "requeue", "migrate", "reconcile", "verify", "fetch"})
+
+
+# `fetch` puts files back for GigHive's own readers, owned like GigHive's files (uid 33, the media
+# directory's owner); it alone keeps root as its saved uid, used only for that fchown.
+KEEPS_SAVED_ROOT = frozenset({"fetch"})
 
 
 def become_service_user(command: str, state_dir: Path, user: str = SERVICE_USER) -> str | None:
@@ -47,9 +52,28 @@ def become_service_user(command: str, state_dir: Path, user: str = SERVICE_USER)
                 f"`chown -R {user}:{user} {state_dir}` (a run as root before this check may have made it)"
             )
         os.setgroups(os.getgrouplist(pw.pw_name, pw.pw_gid))
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
+        saved = 0 if command in KEEPS_SAVED_ROOT else None
+        os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid if saved is None else 0)
+        os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid if saved is None else 0)
     except OSError as e:
         raise StateError(f"cannot switch from root to the service user {user}: {e.strerror or e}") from e
     log.info("started as root: running as the service user %s, so the state stays usable by the units", user)
     return user
+
+
+def chown_like(fd: int, directory: Path) -> bool:
+    """Give a file the owner and group of its media directory (GigHive's www-data), where this
+    process may: as root, or as a `fetch` started as root (its saved uid). False otherwise."""
+    st = os.stat(directory)
+    if os.geteuid() == 0:
+        os.fchown(fd, st.st_uid, st.st_gid)
+        return True
+    ruid, euid, suid = os.getresuid()
+    if suid != 0:
+        return False
+    os.seteuid(0)
+    try:
+        os.fchown(fd, st.st_uid, st.st_gid)
+    finally:
+        os.seteuid(euid)
+    return True

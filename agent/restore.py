@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass
 
 from .media import MediaFile
+from .privileges import chown_like
 from .storage.azure_blob import AzureBlobStore
 
 
@@ -103,12 +104,10 @@ def restore(store: AzureBlobStore, mf: MediaFile, size: int, sha256: str, mtime_
 
 
 def _match_directory_owner(fd: int, directory) -> None:
-    """Running as root, give the file the media directory's owner (GigHive's www-data), as the
-    file had before it was evicted; as an unprivileged user this is not possible, nor needed."""
-    if os.geteuid() != 0:
-        return
-    st = os.stat(directory)
-    os.fchown(fd, st.st_uid, st.st_gid)
+    """Give the file the media directory's owner (GigHive's www-data), as the file had before it
+    was evicted, where that is possible (see agent.privileges); a setgid directory gives the group
+    anyway, and the mode makes it readable to GigHive whoever owns it."""
+    chown_like(fd, directory)
 
 
 def _fsync_dir(directory) -> None:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS files (
     local_copy      INTEGER NOT NULL DEFAULT 1,
     blocks_reused   INTEGER NOT NULL DEFAULT 0,
     outage_waits    INTEGER NOT NULL DEFAULT 0,
+    keep_local_until REAL,
     created_at      REAL NOT NULL,
     updated_at      REAL NOT NULL
 );
@@ -92,6 +93,8 @@ class FileRecord:
     updated_at: float
     # Tries that met an outage (not the file's fault, so not counted in `attempts`).
     outage_waits: int = 0
+    # `fetch` brought it back for a GigHive reader: no eviction before this time.
+    keep_local_until: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -134,9 +137,12 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=30000")
             self._db.executescript(_SCHEMA)
-            # Schema 1 (before outages stopped counting as attempts) lacks this column.
-            if "outage_waits" not in {r[1] for r in self._db.execute("PRAGMA table_info(files)")}:
+            # Schema 1 (before outages stopped counting as attempts, before `fetch`) lacks these.
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(files)")}
+            if "outage_waits" not in columns:
                 self._db.execute("ALTER TABLE files ADD COLUMN outage_waits INTEGER NOT NULL DEFAULT 0")
+            if "keep_local_until" not in columns:
+                self._db.execute("ALTER TABLE files ADD COLUMN keep_local_until REAL")
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(_SCHEMA_VERSION),))
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
@@ -525,6 +531,15 @@ class StateStore:
                     now,
                     now,
                 ),
+            )
+
+    def mark_fetched(self, blob_name: str, st: os.stat_result, keep_until: float, pointer: str) -> None:
+        """`fetch` put the verified file back: it has a local copy again, kept until `keep_until`."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE files SET state = 'uploaded', local_copy = 1, size = ?, mtime_ns = ?, inode = ?, "
+                "keep_local_until = ?, pointer = ?, updated_at = ? WHERE blob_name = ?",
+                (st.st_size, st.st_mtime_ns, st.st_ino, keep_until, pointer, time.time(), blob_name),
             )
 
     def forget(self, blob_name: str) -> None:

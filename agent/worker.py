@@ -24,6 +24,7 @@ from pathlib import Path
 from . import safety
 from .config import Config
 from .errors import ContentMismatch, FileRejected, Interrupted, StateError, VerificationFailed
+from .eviction_policy import EvictionPolicy
 from .media import MediaFile, media_file_for_blob, media_file_for_path, name_problem
 from .notify import Notifier
 from .pointer import PointerDB, PointerUnavailable
@@ -106,6 +107,7 @@ class Worker:
         # transfer skip files already in Blob without asking the service about each one.
         self.listing: dict[str, Listed] | None = None
         self.witnesses = safety.Witnesses(config, state, store, pointer_db, self._db_lock)
+        self.policy = EvictionPolicy(config, pointer_db, self._db_lock)
         # `migrate --to-local` ran: no eviction, no pointer to Blob. Only a run holding the queue
         # lock changes it, so it cannot change under this run except through this object.
         self.hold = safety.held(state)
@@ -462,6 +464,10 @@ class Worker:
             log.debug("keeping local copy of %s: not a URL the stream server serves", blob_name)
             return
         fields = {"blob_name": blob_name, "sha256": rec.sha256}
+        waiting = self.policy.blocks(rec)
+        if waiting is not None:
+            log.debug("keeping local copy of %s for now: %s", blob_name, waiting, extra={"fields": fields})
+            return
         outcome = safety.evict(self.witnesses, rec)
         if outcome.outage is not None:
             self.outage = outcome.outage

@@ -549,7 +549,9 @@ def test_nothing_writes_into_a_media_root(tmp_path: Path, azurite: Azurite, blob
 
 
 def test_local_deletion_removes_only_uploaded_files(tmp_path: Path, azurite: Azurite, blob_container) -> None:
-    setup, files = _media_setup(tmp_path, azurite, blob_container.container_name, DELETE_LOCAL_AFTER_UPLOAD="true")
+    setup, files = _media_setup(
+        tmp_path, azurite, blob_container.container_name, DELETE_LOCAL_AFTER_UPLOAD="true", EVICT_MIN_AGE_DAYS="0"
+    )
     top = setup.roots["root"]
     before = snapshot(top)
     watch = RootWatch(top)

@@ -93,6 +93,8 @@ def connection_string_settings(connection_string: str, container: str, roots: di
         "UPLOAD_BLOCK_SIZE": "256KiB",
         "RETRY_BASE_DELAY": "0",
         "RETRY_MAX_DELAY": "0",
+        # Test files are minutes old; the eviction policy's age is tested on its own.
+        "EVICT_MIN_AGE_DAYS": "0",
     }
 
 

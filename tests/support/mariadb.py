@@ -41,6 +41,57 @@ CREATE TABLE IF NOT EXISTS assets (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
 """
 
+# GigHive's job tables (create_media_db.sql), without the tenants foreign key: what tells the agent
+# that GigHive still works on a file (an AI job queued or running, an upload job in progress).
+JOBS_DDL = (
+    """
+CREATE TABLE IF NOT EXISTS ai_jobs (
+  id          BIGINT UNSIGNED  NOT NULL AUTO_INCREMENT PRIMARY KEY,
+  tenant_id   int unsigned     NOT NULL DEFAULT 1,
+  job_type    VARCHAR(64)      NOT NULL,
+  source      VARCHAR(64)      NULL,
+  target_type ENUM('asset','event','event_item','participant') NOT NULL,
+  target_id   BIGINT UNSIGNED  NOT NULL,
+  params_json JSON             NULL,
+  status      ENUM('queued','running','done','failed') NOT NULL DEFAULT 'queued',
+  priority    SMALLINT         NOT NULL DEFAULT 100,
+  attempts    SMALLINT         NOT NULL DEFAULT 0,
+  locked_by   VARCHAR(128)     NULL,
+  locked_at   DATETIME         NULL,
+  error_msg   TEXT             NULL,
+  created_at  DATETIME         NOT NULL DEFAULT CURRENT_TIMESTAMP,
+  updated_at  DATETIME         NOT NULL DEFAULT CURRENT_TIMESTAMP ON UPDATE CURRENT_TIMESTAMP,
+  KEY idx_ai_jobs_claim  (status, job_type, priority, created_at),
+  KEY idx_ai_jobs_target (target_type, target_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+""",
+    """
+CREATE TABLE IF NOT EXISTS upload_jobs (
+    id           INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    tenant_id    int unsigned NOT NULL DEFAULT 1,
+    job_id       VARCHAR(64)  NOT NULL,
+    job_type     VARCHAR(32)  NOT NULL DEFAULT 'manifest_import',
+    status       VARCHAR(32)  NOT NULL DEFAULT 'in_progress',
+    total_files  INT UNSIGNED NOT NULL DEFAULT 0,
+    started_at   DATETIME     NOT NULL,
+    completed_at DATETIME     NULL,
+    UNIQUE KEY uq_upload_jobs_job_id (job_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+""",
+    """
+CREATE TABLE IF NOT EXISTS upload_job_files (
+    id              INT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    job_id          VARCHAR(64)  NOT NULL,
+    checksum_sha256 CHAR(64)     NOT NULL,
+    source_relpath  VARCHAR(512) NOT NULL,
+    file_type       VARCHAR(16)  NULL,
+    state           VARCHAR(32)  NOT NULL DEFAULT 'pending',
+    UNIQUE KEY uq_upload_job_file (job_id, checksum_sha256),
+    CONSTRAINT fk_upload_job_files_job FOREIGN KEY (job_id) REFERENCES upload_jobs(job_id) ON DELETE CASCADE
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci
+""",
+)
+
 # MySQL 8.4's default sql_mode, so queries that MySQL would reject fail here too.
 MYSQL84_SQL_MODE = (
     "ONLY_FULL_GROUP_BY,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,"
@@ -286,12 +337,14 @@ class MariaDB:
                     cur.execute(f"GRANT ALL PRIVILEGES ON `{self.database}`.* TO %s@%s", (self.user, host))
                 cur.execute(f"USE `{self.database}`")
                 cur.execute(ASSETS_DDL)
+                for ddl in JOBS_DDL:
+                    cur.execute(ddl)
         finally:
             conn.close()
         self._bootstrapped = True
 
     def reset_database(self) -> None:
-        """Drop and recreate the database with only GigHive's assets table (as freshly deployed)."""
+        """Drop and recreate the database with GigHive's assets and job tables (as freshly deployed)."""
         conn = self.admin_connect()
         try:
             with conn.cursor() as cur:
@@ -299,6 +352,8 @@ class MariaDB:
                 cur.execute(f"CREATE DATABASE `{self.database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
                 cur.execute(f"USE `{self.database}`")
                 cur.execute(ASSETS_DDL)
+                for ddl in JOBS_DDL:
+                    cur.execute(ddl)
         finally:
             conn.close()
 
