@@ -33,7 +33,7 @@ from azure.core.exceptions import (
 
 from ..config import Config
 from ..media import MediaFile, media_file_for_blob
-from ..storage import ObjectChanged, ObjectInfo, ObjectNotFound, StoreUnavailable
+from ..storage import ObjectChanged, ObjectInfo, ObjectNotFound, StoreUnavailable, azure_sdk_private
 from ..storage.azure_blob import SHA256_METADATA_KEY, AzureBlobStore, _describe, _network_reason
 from .settings import StreamSettings
 
@@ -296,12 +296,10 @@ class _BlobRange:
 
     def _open(self) -> None:
         self._response = self.source._download(self.name, self.pos, self.end - self.pos, self.etag)
-        raw = self._response.raw
         # http.client's response under urllib3's: its readinto() fills our buffer straight from
         # the socket. urllib3's own read() would allocate and copy every chunk twice, which at
         # 200 streams is most of the process's memory and a good part of its CPU.
-        fp = getattr(raw, "_fp", None)
-        self._body = fp if fp is not None and hasattr(fp, "readinto") else None
+        self._body = azure_sdk_private.body_reader(self._response)
 
     def readinto(self, view: memoryview) -> int:
         n = min(len(view), self.end - self.pos)
@@ -343,8 +341,7 @@ class _BlobRange:
         """The whole body was read: give the connection back to the pool for the next request."""
         response, self._response, self._body = self._response, None, None
         if response is not None:
-            fp = getattr(response.raw, "_fp", None)
-            if fp is None or fp.isclosed():
+            if azure_sdk_private.body_finished(response):
                 response.raw.release_conn()
             else:
                 response.close()
@@ -430,17 +427,11 @@ class BlobSource:
         """A streaming ranged GET pinned with If-Match; returns the requests.Response.
 
         The SDK's public downloader buffers whole chunks, so this calls the operation the
-        downloader itself calls (generated client, same pipeline: auth, retries, timeouts) and
-        keeps the response unread. Covered by the tests against Azurite, which pin the SDK.
+        downloader itself calls (same pipeline: auth, retries, timeouts) and keeps the response
+        unread; see agent/storage/azure_sdk_private.py and its contract test.
         """
-        blob = self.store.blob(name)
         try:
-            http_response = blob._client.blob.download(  # noqa: SLF001 - see docstring
-                range=f"bytes={offset}-{offset + length - 1}",
-                headers={"If-Match": etag},
-                cls=lambda pipeline_response, _deserialized, _headers: pipeline_response.http_response,
-                **self._request_options,
-            )
+            response = azure_sdk_private.download(self.store.blob(name), offset, length, etag, **self._request_options)
         except ResourceNotFoundError as e:
             self.forget(name)
             raise ObjectNotFound(name) from e
@@ -451,7 +442,7 @@ class BlobSource:
             raise _upstream_error(e) from e
         except (ClientAuthenticationError, ServiceRequestError, ServiceResponseError, requests.RequestException) as e:
             raise _upstream_error(e) from e
-        return http_response.internal_response
+        return response
 
     # -- the storage seam ----------------------------------------------------------------------
     def read_range(
