@@ -53,7 +53,6 @@ def _session_services_ready() -> Iterator[None]:
             a.start()
         if a.gate is not None:
             a.gate.take_unexpected()
-            a.gate.strip = None
     for m in _mariadbs:
         if not m.running:
             m.start()

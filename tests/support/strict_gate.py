@@ -233,9 +233,6 @@ class StrictGate:
         self.seen: list[Seen] = []
         self.refusals: list[Refusal] = []
         self.unexpected: list[Refusal] = []
-        # For tests of the suite itself: drop this request header before forwarding (a stand-in
-        # for an SDK upgrade that stops sending it), e.g. ("PUT", "block", "content-md5").
-        self.strip: tuple[str, str, str] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -371,10 +368,7 @@ class StrictGate:
                         return
                     urf = upstream.makefile("rb", buffering=65536)
                 assert urf is not None
-                out_head = raw_head
-                if self.strip and (method, query.get("comp"), self.strip[2]) == self.strip:
-                    out_head = self._without(raw_head, self.strip[2])
-                upstream.sendall(out_head)
+                upstream.sendall(raw_head)
                 if body is not None:
                     upstream.sendall(body)
                 else:
@@ -415,12 +409,6 @@ class StrictGate:
                 headers[_DUPLICATE] = key[len("x-ms-meta-") :]
             headers[key] = f"{headers[key]}, {v.strip()}" if key in headers else v.strip()
         return text[0], headers, raw
-
-    @staticmethod
-    def _without(raw_head: bytes, header: str) -> bytes:
-        lines = raw_head.split(b"\r\n")
-        keep = [ln for ln in lines if not ln.lower().startswith(header.encode() + b":")]
-        return b"\r\n".join(keep)
 
     @staticmethod
     def _drain(f, length: int) -> None:
