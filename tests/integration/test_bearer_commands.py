@@ -6,13 +6,23 @@ from __future__ import annotations
 
 import uuid
 
-from tests.integration.test_auth import _OTHER_MI_SOURCES, blobs, oauth_container, oauth_harness  # noqa: F401, F811
+from tests.integration import test_auth
+from tests.integration.test_auth import _OTHER_MI_SOURCES, blobs, oauth_harness
 from tests.support.media import make_content_addressed
+
+oauth_container = test_auth.oauth_container  # the fixture, registered in this module
 
 
 def test_migrate_verify_and_reconcile_with_a_managed_identity(
-    tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server, monkeypatch  # noqa: F811
+    tmp_path,
+    media_roots,
+    azurite_oauth,
+    tls,
+    token_server,
+    monkeypatch,
+    request,
 ):
+    container = request.getfixturevalue("oauth_container")
     for var in _OTHER_MI_SOURCES:
         monkeypatch.delenv(var, raising=False)
     h = oauth_harness(
@@ -20,7 +30,7 @@ def test_migrate_verify_and_reconcile_with_a_managed_identity(
         media_roots,
         azurite_oauth,
         tls,
-        oauth_container,
+        container,
         AZURE_AUTH_MODE="managed_identity",
         AZURE_CLIENT_ID=str(uuid.uuid4()),
     )
@@ -33,7 +43,7 @@ def test_migrate_verify_and_reconcile_with_a_managed_identity(
     assert plan["bytes_to_send"] == 700_000 + 3000, plan
     done = h.cli_json("migrate", env=env, check=True)
     assert done["uploaded"] == 2 and done["complete"] is True, done
-    assert {f"video/{big}.mp4", f"audio/{small}.mp3"} <= blobs(azurite_oauth, tls, oauth_container)
+    assert {f"video/{big}.mp4", f"audio/{small}.mp3"} <= blobs(azurite_oauth, tls, container)
     h.cli("verify", "--all", "--no-progress", env=env, check=True)
     h.cli("reconcile", env=env, check=True)
     listed = azurite_oauth.gate.requests(method="GET", comp="list")

@@ -7,9 +7,9 @@ each one's source is in docs/azure-conformance.md), and either streams the reque
 unchanged or answers it itself the way Azure would: the status, an x-ms-error-code header, and
 the XML error body with the real error code.
 
-Otherwise it is a strict pass-through: bodies are streamed in 64 KiB pieces in both directions
-(only a Put Block List body, a few KiB of XML, is read whole), Range and keep-alive work as
-upstream answers them, and a connection to a stopped Azurite is reset, as the service being
+Otherwise it is a strict pass-through: bodies are streamed in pieces of up to 256 KiB in both
+directions (only a Put Block List body, a few KiB of XML, is read whole), Range and keep-alive
+work as upstream answers them, and a connection to a stopped Azurite is reset, as the service being
 down would look. Every refusal is recorded; the suite fails a test that caused one it did not
 expect (tests/conftest.py), so a non-conforming request cannot hide behind the agent's retries.
 
@@ -332,7 +332,7 @@ class StrictGate:
         try:
             if self._server_ctx is not None:
                 client = self._server_ctx.wrap_socket(raw, server_side=True)
-            crf = client.makefile("rb", buffering=65536)
+            crf = client.makefile("rb", buffering=262144)
             urf = None
             while not self._closed.is_set():
                 head = self._read_head(crf)
@@ -366,7 +366,7 @@ class StrictGate:
                     except OSError:
                         # Azurite is down: the client sees the connection go, as with the service.
                         return
-                    urf = upstream.makefile("rb", buffering=65536)
+                    urf = upstream.makefile("rb", buffering=262144)
                 assert urf is not None
                 upstream.sendall(raw_head)
                 if body is not None:
@@ -421,7 +421,7 @@ class StrictGate:
     @staticmethod
     def _copy(src, dst: socket.socket, length: int) -> None:
         while length > 0:
-            got = src.read1(min(65536, length)) if hasattr(src, "read1") else src.read(min(65536, length))
+            got = src.read1(min(262144, length))
             if not got:
                 raise OSError("closed mid-body")
             dst.sendall(got)
