@@ -155,9 +155,14 @@ class Transfer:
                     h.update(data)
                 _check_size(h, st)
                 self._check_name(mf, h)
-                if _same_content(existing, h.size, h.sha256.hexdigest(), h.md5.digest()):
+                sha, md5 = h.sha256.hexdigest(), h.md5.digest()
+                # What is already there counts only when the service's own record proves it
+                # (verify_committed); a blob that is not proven is uploaded again, verified.
+                if _same_content(existing, h.size, sha, md5) and (
+                    self.store.verify_committed(mf.blob_name, h.size, md5, sha, existing.etag) is None
+                ):
                     self._check_unchanged(mf, f.fileno(), st)
-                    info = self._verify(mf, h.size, h.sha256.hexdigest(), h.md5.digest())
+                    etag = self._verify(mf, h.size, sha, md5).etag if self.readback else existing.etag
                     n = -(-h.size // block_size)
                     return TransferResult(
                         h.size,
@@ -165,7 +170,7 @@ class Transfer:
                         st.st_ino,
                         h.sha256.hexdigest(),
                         h.md5.digest(),
-                        info.etag,
+                        etag,
                         True,
                         n,
                         0,
