@@ -110,7 +110,12 @@ def _details(text: str) -> dict[str, str]:
     return out
 
 
-def _hint(code: str, detail_text: str) -> str | None:
+def _hint(code: str, detail_text: str, details: dict[str, str] | None = None) -> str | None:
+    if code == "InvalidHeaderValue" and (details or {}).get("headername", "").lower() == "x-ms-version":
+        return (
+            "the service does not accept the REST version this agent's storage SDK speaks (a service "
+            "older than the SDK, such as Azure Stack Hub or an old emulator); not a credential problem"
+        )
     if code == "AuthenticationFailed":
         for needle, hint in _AUTH_DETAIL_HINTS:
             if needle.lower() in detail_text.lower():
@@ -134,7 +139,7 @@ def refusal_text(status: int | None, code: str, message: str, details: dict[str,
     if request_id:
         parts.append(f"request id {request_id}")
     text = "; ".join(parts)
-    hint = _hint(code, " ".join(details.values()) + " " + message)
+    hint = _hint(code, " ".join(details.values()) + " " + message, details)
     return f"{text} ({hint})" if hint else text
 
 
