@@ -123,3 +123,22 @@ def test_download_is_a_ranged_if_match_get_left_unread() -> None:
     assert sent.headers["x-ms-version"] == blob.api_version
     assert isinstance(response, requests.Response)
     assert response.raw.read() == b"0123456789"  # the SDK did not read the body
+
+
+def test_no_private_sdk_name_is_used_outside_the_one_module() -> None:
+    """The one-module rule, checked: a new use of an SDK internal elsewhere fails here."""
+    import re
+    from pathlib import Path
+
+    agent = Path(azure_sdk_private.__file__).parents[1]
+    private = re.compile(
+        r"\._client\b|\._pipeline\b|\.raw\._fp\b|\b_fp\b|azure\.(storage\.blob|core|identity)(\.\w+)*\._"
+    )
+    offenders = [
+        f"{path.relative_to(agent.parent)}:{n}: {line.strip()}"
+        for path in sorted(agent.rglob("*.py"))
+        if path.name != "azure_sdk_private.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert not offenders, "SDK internals outside agent/storage/azure_sdk_private.py:\n" + "\n".join(offenders)
