@@ -3,8 +3,9 @@
 One read of the file feeds everything: the whole-file sha256 and MD5, the per-block MD5 the
 service checks on arrival, and the upload itself. Nothing is committed until the bytes read
 match the name (for content-addressed files) and the file did not change while being read, so
-a blob only ever appears whole and right. After the commit the blob's properties are read back
-and compared, because the service does not check a whole-blob MD5 on commit.
+a blob only ever appears whole and right. After a block commit the service's committed block list
+is read back and compared with the ids sent (each id carries the MD5 the service checked that
+block against), because the service does not check a whole-blob MD5 on commit.
 """
 
 from __future__ import annotations
@@ -154,9 +155,14 @@ class Transfer:
                     h.update(data)
                 _check_size(h, st)
                 self._check_name(mf, h)
-                if _same_content(existing, h.size, h.sha256.hexdigest(), h.md5.digest()):
+                sha, md5 = h.sha256.hexdigest(), h.md5.digest()
+                # What is already there counts only when the service's own record proves it
+                # (verify_committed); a blob that is not proven is uploaded again, verified.
+                if _same_content(existing, h.size, sha, md5) and (
+                    self.store.verify_committed(mf.blob_name, h.size, md5, sha, existing.etag) is None
+                ):
                     self._check_unchanged(mf, f.fileno(), st)
-                    info = self._verify(mf, h.size, h.sha256.hexdigest(), h.md5.digest())
+                    etag = self._verify(mf, h.size, sha, md5).etag if self.readback else existing.etag
                     n = -(-h.size // block_size)
                     return TransferResult(
                         h.size,
@@ -164,7 +170,7 @@ class Transfer:
                         st.st_ino,
                         h.sha256.hexdigest(),
                         h.md5.digest(),
-                        info.etag,
+                        etag,
                         True,
                         n,
                         0,
@@ -216,9 +222,9 @@ class Transfer:
         self._check_name(mf, h)
         self._check_unchanged(mf, f.fileno(), st)
         sha, md5 = h.sha256.hexdigest(), h.md5.digest()
-        self.store.commit_blocks(mf.blob_name, ids, mf.content_type, md5, sha)
-        info = self._verify(mf, h.size, sha, md5)
-        return TransferResult(h.size, st.st_mtime_ns, st.st_ino, sha, md5, info.etag, False, len(ids), reused, 0.0)
+        etag = self.store.commit_blocks(mf.blob_name, ids, mf.content_type, md5, sha)
+        self._verify_committed(mf, h.size, sha, md5, etag, ids)
+        return TransferResult(h.size, st.st_mtime_ns, st.st_ino, sha, md5, etag, False, len(ids), reused, 0.0)
 
     # ---- checks ---------------------------------------------------------------------------
 
@@ -259,6 +265,20 @@ class Transfer:
         if problems:
             raise VerificationFailed(f"blob {mf.blob_name} does not match the local file: {'; '.join(problems)}")
         return info
+
+    def _verify_committed(self, mf: MediaFile, size: int, sha: str, md5: bytes, etag: str, ids: list[str]) -> None:
+        """A block upload is proven by the service's record, not by the MD5 and sha256 the agent
+        set at commit: the committed block list must be exactly the ids sent, and each id names
+        the MD5 the service checked that block against on arrival."""
+        reason = self.store.verify_committed(mf.blob_name, size, md5, sha, etag, block_ids=ids)
+        if reason is None and self.readback:
+            digest = hashlib.sha256()
+            for chunk in self.store.read_range(mf.blob_name, 0, size, etag=etag):
+                digest.update(chunk)
+            if digest.hexdigest() != sha:
+                reason = f"read-back sha256 {digest.hexdigest()} != {sha}"
+        if reason is not None:
+            raise VerificationFailed(f"blob {mf.blob_name} does not match the local file: {reason}")
 
     def _throttle(self, nbytes: int) -> None:
         if self.limiter is not None:

@@ -26,6 +26,7 @@ from .config import Config
 from .errors import ContentMismatch, FileRejected, Interrupted, StateError, VerificationFailed
 from .eviction_policy import EvictionPolicy
 from .media import MediaFile, media_file_for_blob, media_file_for_path, name_problem
+from .media_urls import media_file_for_target
 from .notify import Notifier
 from .pointer import PointerDB, PointerUnavailable
 from .ratelimit import RateLimiter
@@ -33,7 +34,6 @@ from .scan import ScanReport, classify, walk, walk_root
 from .state import POINTER_DONE, POINTER_NONE, POINTER_PENDING, FileRecord, StateStore, backoff_delay
 from .storage import Listed, StoreUnavailable
 from .storage.azure_blob import AzureBlobStore
-from .stream.urls import media_file_for_target
 from .transfer import Transfer, TransferResult
 
 log = logging.getLogger(__name__)

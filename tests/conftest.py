@@ -42,18 +42,31 @@ _token_servers: list[TokenServer] = []
 
 
 @pytest.fixture(autouse=True)
-def _session_services_ready() -> None:
+def _session_services_ready() -> Iterator[None]:
     """Undo what an earlier test did to shared services: restart what it stopped or killed, forget
-    recorded token requests and injected failures."""
+    recorded token requests and injected failures. Afterwards, fail the test if the strict-Azure
+    gate refused a request it did not expect: real Azure would have refused it too, and the
+    agent's retries must not hide that."""
     for a in _azurites:
         a.resume()
         if not a.running:
             a.start()
+        if a.gate is not None:
+            a.gate.take_unexpected()
     for m in _mariadbs:
         if not m.running:
             m.start()
     for t in _token_servers:
         t.reset()
+    yield
+    refused = [r for a in _azurites if a.gate is not None for r in a.gate.take_unexpected()]
+    if refused:
+        lines = "\n  ".join(str(r) for r in refused[:20])
+        pytest.fail(
+            f"the strict-Azure gate refused {len(refused)} request(s) real Azure would refuse "
+            f"(docs/azure-conformance.md):\n  {lines}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -64,30 +77,35 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    """Azurite blob service over HTTP, SharedKey auth (connection_string)."""
+    """Azurite blob service over HTTP, SharedKey auth (connection_string), behind the strict-Azure
+    gate: its port, blob_endpoint and connection_string are the gate's (a.gate; direct_* bypass it)."""
     a = Azurite(tmp_path_factory.mktemp("azurite"))
     try:
         a.start()
+        a.attach_gate()
         _azurites.append(a)
         yield a
     finally:
         if a in _azurites:
             _azurites.remove(a)
+        a.close_gate()
         a.stop()
 
 
 @pytest.fixture(scope="session")
 def azurite_oauth(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Azurite]:
     """Azurite over HTTPS (certificate signed by tls.ca) accepting bearer tokens (--oauth basic)
-    as well as the dev key."""
+    as well as the dev key, behind the strict-Azure gate (HTTPS too, same certificate)."""
     a = Azurite(tmp_path_factory.mktemp("azurite-oauth"), https=True, cert=tls.cert, key=tls.key, oauth=True)
     try:
         a.start()
+        a.attach_gate()
         _azurites.append(a)
         yield a
     finally:
         if a in _azurites:
             _azurites.remove(a)
+        a.close_gate()
         a.stop()
 
 

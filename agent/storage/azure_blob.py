@@ -8,12 +8,18 @@ staged blocks, a transactional MD5 it computed once per block, and a bounded amo
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import logging
 import re
+import socket
+import threading
+import time
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
-from urllib.parse import urlencode
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote, urlencode
 
 import requests
 from azure.core.exceptions import (
@@ -26,12 +32,27 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.transport import RequestsTransport
-from azure.core.rest import HttpRequest
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry, LinearRetry
 
 from ..config import Config
-from . import Listed, ObjectChanged, ObjectInfo, ObjectNotFound, StoreUnavailable
+from ..media import MediaFile
+from . import (
+    Listed,
+    ObjectChanged,
+    ObjectInfo,
+    ObjectNotFound,
+    RangeReader,
+    StoreUnavailable,
+    UpstreamError,
+    azure_sdk_private,
+    iter_range,
+)
 from .azure_auth import build_credential
+
+if TYPE_CHECKING:  # the stream server's settings; importing them here would be a cycle
+    from ..stream.settings import StreamSettings
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -44,7 +65,82 @@ _HINTS = {
     "AuthorizationPermissionMismatch": "the identity lacks the 'Storage Blob Data Contributor' role on the container",
     "AuthenticationFailed": "the token or key was refused (expired, wrong tenant, or wrong account key)",
     "ContainerNotFound": "create the container, or fix AZURE_STORAGE_CONTAINER_NAME",
+    "KeyBasedAuthenticationNotPermitted": "the account does not allow Shared Key: use managed_identity or "
+    "service_principal",
+    "AccountRequiresHttps": "the account only accepts HTTPS: use an https:// endpoint",
+    "InvalidHeaderValue": "the service refused one of the request's headers (see the header named); this is "
+    "a request the agent built, not a credential problem: report it",
+    "MissingRequiredHeader": "the request lacked a header the service requires; an agent bug: report it",
+    "UnsupportedHeader": "the service does not support a header the agent sent; an agent bug: report it",
+    "InvalidQueryParameterValue": "the service refused a query parameter the agent sent; an agent bug: report it",
+    "Md5Mismatch": "the bytes arrived different from what was sent (corrupted on the way); the upload retries",
+    "InvalidBlobOrBlock": "the blob has staged blocks with ids of another length (left by another uploader); "
+    "delete the blob's uncommitted blocks (delete the blob) and retry",
+    "InvalidBlockList": "the commit named a block the service does not hold; the upload restages and retries",
+    "BlockCountExceedsLimit": "the blob has too many staged blocks (100,000 uncommitted or 50,000 committed); "
+    "delete the blob to drop them",
+    "LeaseIdMissing": "another tool holds a lease on the blob; break the lease or wait for it",
+    "BlobImmutableDueToPolicy": "an immutability policy protects the blob; it cannot be overwritten",
+    "ServerBusy": "the account is throttling requests; the upload retries later",
 }
+
+# AuthenticationFailed details that are not about the credential at all.
+_AUTH_DETAIL_HINTS = (
+    (
+        "not supported in this version",
+        "the request carried no x-ms-version, or one older than 2017-11-09, which bearer tokens "
+        "need: an agent bug, not a credential problem; report it",
+    ),
+    ("Lifetime validation failed", "the token has expired or is not yet valid; check the host's clock"),
+    ("Issuer validation failed", "the token comes from another tenant than the storage account's; fix AZURE_TENANT_ID"),
+    ("Audience validation failed", "the token was issued for another resource than Azure Storage"),
+    ("Signature did not match", "the account key does not match the account (wrong or rotated key)"),
+    ("Request date header too old", "the host's clock is more than 15 minutes off; fix its time sync"),
+)
+
+
+def _details(text: str) -> dict[str, str]:
+    """The SDK appends the service's error details as "name:value" lines (HeaderName, RequestId,
+    AuthenticationErrorDetail, ...); keyed in lower case."""
+    out: dict[str, str] = {}
+    for line in text.splitlines()[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name and " " not in name.strip():
+            out.setdefault(name.strip().lower(), value.strip())
+    return out
+
+
+def _hint(code: str, detail_text: str, details: dict[str, str] | None = None) -> str | None:
+    if code == "InvalidHeaderValue" and (details or {}).get("headername", "").lower() == "x-ms-version":
+        return (
+            "the service does not accept the REST version this agent's storage SDK speaks (a service "
+            "older than the SDK, such as Azure Stack Hub or an old emulator); not a credential problem"
+        )
+    if code == "AuthenticationFailed":
+        for needle, hint in _AUTH_DETAIL_HINTS:
+            if needle.lower() in detail_text.lower():
+                return hint
+    return _HINTS.get(code)
+
+
+def refusal_text(status: int | None, code: str, message: str, details: dict[str, str], request_id: str | None) -> str:
+    """One line for a refused request: status, the service's code, what it said, the header or
+    parameter it named, the request id (for Azure support), and a hint fitting the code."""
+    parts = [f"HTTP {status} {code}: {message}".strip()]
+    for key, label in (
+        ("headername", "header"),
+        ("queryparametername", "parameter"),
+        ("authenticationerrordetail", "detail"),
+    ):
+        if details.get(key):
+            value = details.get("headervalue" if key == "headername" else "queryparametervalue", "")
+            shown = f"={value!r}" if value and key != "authenticationerrordetail" else ""
+            parts.append(f"{label} {details[key]}{shown}")
+    if request_id:
+        parts.append(f"request id {request_id}")
+    text = "; ".join(parts)
+    hint = _hint(code, " ".join(details.values()) + " " + message, details)
+    return f"{text} ({hint})" if hint else text
 
 
 def _describe(e: Exception) -> str:
@@ -54,12 +150,15 @@ def _describe(e: Exception) -> str:
         return f"cannot get a token: {str(e).splitlines()[0][:300]}"
     if isinstance(e, HttpResponseError):
         raw_code = getattr(e, "error_code", None) or ""
-        code = getattr(raw_code, "value", raw_code)
+        code = str(getattr(raw_code, "value", raw_code))
         status = getattr(e, "status_code", None)
-        first = str(e.message or e).splitlines()[0][:300] if (e.message or str(e)) else ""
-        text = f"HTTP {status} {code}: {first}".strip()
-        hint = _HINTS.get(str(code))
-        return f"{text} ({hint})" if hint else text
+        full = str(e.message or e or "")
+        first = full.splitlines()[0][:300] if full else ""
+        details = _details(full)
+        response = getattr(e, "response", None)
+        headers = getattr(response, "headers", None) or {}
+        request_id = headers.get("x-ms-request-id") or details.get("requestid")
+        return refusal_text(status, code, first, details, request_id)
     if isinstance(e, (ServiceRequestError, ServiceResponseError)):
         return f"Azure Blob unreachable: {_network_reason(str(e))}"
     return f"{type(e).__name__}: {str(e)[:300]}"
@@ -205,10 +304,9 @@ class AzureBlobStore:
 
         The SDK's list_blobs spends about 0.4 ms of CPU per blob turning the XML into model
         objects (40 s for a 100,000-file library); this sends the same List Blobs request through
-        the client's own pipeline (auth, retries, timeouts) and reads only the five fields the
-        agent needs straight from the XML.
+        the client's own pipeline (auth, retries, timeouts; see azure_sdk_private.send) and reads
+        only the fields the agent needs straight from the XML.
         """
-        pipeline = self.container._client._client  # azure.core PipelineClient of this container
         marker = ""
         while True:
             query = {"restype": "container", "comp": "list", "include": "metadata", "maxresults": str(page_size)}
@@ -216,11 +314,11 @@ class AzureBlobStore:
                 query["prefix"] = prefix
             if marker:
                 query["marker"] = marker
-            request = HttpRequest("GET", f"{self.container.url}?{urlencode(query)}")
-            response = self._call(lambda request=request: pipeline.send_request(request))
+            url = f"{self.container.url}?{urlencode(query)}"
+            response = self._call(lambda url=url: azure_sdk_private.send(self.container, "GET", url))
             body = response.read()
             if response.status_code != 200:
-                raise _listing_error(response.status_code, body)
+                raise _listing_error(response.status_code, body, response.headers)
             # Parsed as a stream, each <Blob> dropped once read: a whole 5,000-entry page as a
             # tree is ~40 MiB, and listings run several at a time.
             marker = ""
@@ -251,13 +349,71 @@ class AzureBlobStore:
         return {b.id: b.size for b in uncommitted}
 
     def stage_block(self, name: str, block_id: str, data: bytes, md5: bytes) -> None:
-        # Passing our MD5 as the transactional header makes the service check each block's bytes
-        # without the SDK hashing the block a second time.
-        self._call(
-            lambda: self.blob(name).stage_block(
-                block_id, data, length=len(data), transactional_content_md5=bytearray(md5)
-            )
-        )
+        # Our MD5 goes out as the block's transactional Content-MD5: the service checks the
+        # block's bytes against it on arrival (Md5Mismatch otherwise), without the SDK hashing
+        # the block a second time. The block id carries the same MD5, so the committed block
+        # list is the service's record of what each block held (see verify_committed).
+        headers = self._call(lambda: azure_sdk_private.stage_block(self.blob(name), block_id, data, md5))
+        echoed = (headers or {}).get("content_md5")
+        if echoed is not None and bytes(echoed) != md5:
+            raise StoreUnavailable(f"Put Block of {name}: the service computed another MD5 than was sent", outage=False)
+
+    def committed_blocks(self, name: str) -> list[tuple[str, int]] | None:
+        """The blob's committed block list as (id, size); None when the blob does not exist."""
+        try:
+            committed, _uncommitted = self._call(lambda: self.blob(name).get_block_list("committed"))
+        except ResourceNotFoundError as e:
+            if getattr(e, "error_code", None) == "ContainerNotFound":
+                raise StoreUnavailable(_describe(e)) from e
+            return None
+        return [(b.id, b.size) for b in committed]
+
+    def verify_committed(
+        self,
+        name: str,
+        size: int,
+        md5: bytes,
+        sha256: str,
+        etag: str | None,
+        *,
+        block_ids: list[str] | None = None,
+    ) -> str | None:
+        """None when the service's own record proves the blob holds these bytes; else why not.
+
+        A block blob the agent committed: every block id is `index-md5hex` and the service
+        checked each block's bytes against that MD5 when it arrived, so a committed list of
+        consecutive indices whose sizes sum to `size` is the service's record of the content
+        (and equal to `block_ids`, the ids of the local file's blocks, when the caller has them).
+        A single Put Blob has no committed list: the service checked the whole body against
+        the transactional MD5 and stored it as Content-MD5, so that property is the proof.
+        `etag` (if given) pins the version that was uploaded. Raises StoreUnavailable when the
+        service cannot be asked.
+        """
+        info = self.stat(name)
+        if info is None:
+            return "the blob does not exist"
+        if etag and info.etag != etag:
+            return f"the blob changed since it was uploaded (ETag {info.etag}, uploaded {etag})"
+        if info.size != size:
+            return f"the blob holds {info.size} bytes, the file {size}"
+        if info.sha256 is not None and info.sha256 != sha256:
+            return f"the blob's sha256 metadata {info.sha256} differs from the file's {sha256}"
+        blocks = self.committed_blocks(name)
+        after = self.stat(name)
+        if blocks is None or after is None or after.etag != info.etag:
+            return "the blob changed while it was being verified"
+        if not blocks:
+            if info.content_md5 is None:
+                return "the blob has neither a committed block list nor a Content-MD5 to prove its content"
+            if info.content_md5 != md5:
+                return "the blob's Content-MD5 differs from the file's MD5"
+            return None
+        reason = check_block_list(blocks, size, block_ids)
+        if reason:
+            return reason
+        if info.content_md5 is not None and info.content_md5 != md5:
+            return "the blob's Content-MD5 differs from the file's MD5"
+        return None
 
     def commit_blocks(self, name: str, block_ids: list[str], content_type: str, md5: bytes, sha256: str) -> str:
         result = self._call(
@@ -317,33 +473,59 @@ class AzureBlobStore:
 
 
 def _listed(blob: ET.Element) -> tuple[str, Listed] | None:
+    """One <Blob> of a List Blobs answer; None for anything but a live, current block of bytes.
+
+    Real Azure sends more than Azurite: snapshots, soft-deleted blobs and older versions only
+    when asked (include=snapshots/deleted/versions, which the agent never asks), but a listing
+    of a versioned account still carries VersionId/IsCurrentVersion, and names that XML cannot
+    hold arrive percent-encoded as <Name Encoded="true">. Skipping what is not the current blob
+    keeps an old version from standing in for it.
+    """
     props = blob.find("Properties")
     if props is None:
         return None
+    if blob.findtext("Snapshot") or (blob.findtext("Deleted") or "").lower() == "true":
+        return None
+    if (blob.findtext("IsCurrentVersion") or "true").lower() != "true":
+        return None
+    name_elem = blob.find("Name")
+    name = (name_elem.text or "") if name_elem is not None else ""
+    if name_elem is not None and name_elem.get("Encoded", "").lower() == "true":
+        name = unquote(name)
     md5 = props.findtext("Content-MD5")
     etag = props.findtext("Etag") or ""
+    sha256 = None
+    metadata = blob.find("Metadata")
+    if metadata is not None:
+        # Metadata names are case-insensitive (Azure keeps the case they were written with).
+        for item in metadata:
+            if item.tag.lower() == SHA256_METADATA_KEY:
+                sha256 = item.text
+                break
     return (
-        blob.findtext("Name") or "",
+        name,
         Listed(
             size=int(props.findtext("Content-Length") or 0),
             # HEAD answers the ETag quoted, a listing does not: keep one form.
             etag=etag if etag.startswith('"') else f'"{etag}"',
             content_md5=base64.b64decode(md5) if md5 else None,
-            sha256=blob.findtext(f"Metadata/{SHA256_METADATA_KEY}"),
+            sha256=sha256,
         ),
     )
 
 
-def _listing_error(status: int, body: bytes) -> StoreUnavailable:
+def _listing_error(status: int, body: bytes, headers: Any = None) -> StoreUnavailable:
+    details: dict[str, str] = {}
     try:
         root = ET.fromstring(body)  # noqa: S314 - see list_entries
         code, message = root.findtext("Code") or "", (root.findtext("Message") or "").splitlines()[0:1]
+        details = {c.tag.lower(): (c.text or "").strip() for c in root if c.tag not in ("Code", "Message")}
     except ET.ParseError:
         code, message = "", []
-    text = f"HTTP {status} {code}: {message[0] if message else 'List Blobs failed'}".strip()
-    hint = _HINTS.get(code)
+    request_id = (headers or {}).get("x-ms-request-id")
+    text = refusal_text(status, code, message[0] if message else "List Blobs failed", details, request_id)
     outage = status >= 500 or status in (401, 403, 408, 429) or code == "ContainerNotFound"
-    return StoreUnavailable(f"{text} ({hint})" if hint else text, outage=outage)
+    return StoreUnavailable(text, outage=outage)
 
 
 def _object_info(name: str, props: Any) -> ObjectInfo:
@@ -362,6 +544,23 @@ def _object_info(name: str, props: Any) -> ObjectInfo:
     )
 
 
+_BLOCK_ID = re.compile(r"^(\d{6})-([0-9a-f]{32})$")
+
+
+def check_block_list(blocks: list[tuple[str, int]], size: int, block_ids: list[str] | None = None) -> str | None:
+    """Why a committed block list is not one the agent's upload of `size` bytes made, or None."""
+    if block_ids is not None and [b for b, _ in blocks] != block_ids:
+        return f"the committed block list ({len(blocks)} blocks) is not the {len(block_ids)} blocks of the file"
+    for position, (bid, _size) in enumerate(blocks):
+        m = _BLOCK_ID.match(bid)
+        if m is None or int(m.group(1)) != position:
+            return f"committed block {position} has id {bid!r}, not one of the agent's (index-md5)"
+    total = sum(s for _, s in blocks)
+    if total != size:
+        return f"the committed blocks hold {total} bytes, the file {size}"
+    return None
+
+
 def block_id(index: int, md5: bytes) -> str:
     """Deterministic, equal-length block id from the block's position and content.
 
@@ -369,3 +568,261 @@ def block_id(index: int, md5: bytes) -> str:
     transactional MD5), so a restarted upload can skip sending it again.
     """
     return f"{index:06d}-{base64.b16encode(md5).decode().lower()}"
+
+
+# ---- streaming reads (the stream server) ---------------------------------------------------
+
+
+def _is_timeout(e: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, TimeoutError | socket.timeout | requests.Timeout):
+            return True
+        if "timed out" in str(cur).lower() or "timeout" in type(cur).__name__.lower():
+            return True
+        cur = getattr(cur, "inner_exception", None) or cur.__cause__ or cur.__context__
+    return False
+
+
+def _upstream_error(e: BaseException) -> UpstreamError:
+    if isinstance(e, HttpResponseError | ClientAuthenticationError | ServiceRequestError | ServiceResponseError):
+        text = _describe(e)  # type: ignore[arg-type]
+    elif isinstance(e, requests.RequestException):
+        text = f"Azure Blob unreachable: {_network_reason(str(e))}"
+    else:
+        text = f"Azure Blob read failed: {type(e).__name__}: {str(e)[:300]}"
+    return UpstreamError(text, timeout=_is_timeout(e))
+
+
+# Exceptions a read from an open Azure response can raise when the connection breaks.
+_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, requests.RequestException)
+try:  # urllib3's own hierarchy does not derive from OSError
+    import urllib3.exceptions
+
+    _READ_ERRORS += (urllib3.exceptions.HTTPError,)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    import http.client
+
+    _READ_ERRORS += (http.client.HTTPException,)
+except ImportError:  # pragma: no cover
+    pass
+
+
+class _StatCache:
+    """Blob properties by name, for a short time, bounded in size (LRU)."""
+
+    def __init__(self, ttl: float, entries: int):
+        self.ttl, self.entries = ttl, entries
+        self._items: OrderedDict[str, tuple[float, ObjectInfo]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> ObjectInfo | None:
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            item = self._items.get(name)
+            if item is None:
+                return None
+            if item[0] < time.monotonic():
+                del self._items[name]
+                return None
+            self._items.move_to_end(name)
+            return item[1]
+
+    def put(self, info: ObjectInfo) -> None:
+        if self.ttl <= 0 or self.entries <= 0:
+            return
+        with self._lock:
+            self._items[info.name] = (time.monotonic() + self.ttl, info)
+            self._items.move_to_end(info.name)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._items.pop(name, None)
+
+
+class _BlobRange:
+    """One range of one blob version, streamed from a single Azure GET.
+
+    Reading a response as it arrives (instead of the SDK's downloader, which holds whole 4 MiB
+    chunks in memory and opens a request per chunk) keeps memory per stream at one buffer and
+    the throughput of one long GET. A broken connection is resumed where it stopped, pinned to
+    the same ETag; a closed reader closes its connection, so Azure stops sending at once.
+    """
+
+    def __init__(self, source: BlobSource, name: str, offset: int, length: int, etag: str):
+        self.source, self.name, self.etag = source, name, etag
+        self.pos, self.end = offset, offset + length
+        self.resumes_left = source.settings.upstream_retries
+        self._response: Any = None
+        self._body: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        self._response = self.source._download(self.name, self.pos, self.end - self.pos, self.etag)
+        # http.client's response under urllib3's: its readinto() fills our buffer straight from
+        # the socket. urllib3's own read() would allocate and copy every chunk twice, which at
+        # 200 streams is most of the process's memory and a good part of its CPU.
+        self._body = azure_sdk_private.body_reader(self._response)
+
+    def readinto(self, view: memoryview) -> int:
+        n = min(len(view), self.end - self.pos)
+        if n <= 0:
+            return 0
+        while True:
+            try:
+                if self._response is None:
+                    self._open()
+                if self._body is not None:
+                    got = self._body.readinto(view[:n])
+                else:  # pragma: no cover - only if urllib3 changes its internals
+                    data = self._response.raw.read(n, decode_content=False)
+                    got = len(data)
+                    view[:got] = data
+                if not got:
+                    raise UpstreamError(f"Azure ended the response {self.end - self.pos} bytes early")
+                self.pos += got
+                if self.pos >= self.end:
+                    self._finish()
+                return got
+            except (ObjectChanged, ObjectNotFound):
+                raise
+            except (UpstreamError, *_READ_ERRORS) as e:
+                self._drop()
+                if self.resumes_left <= 0:
+                    if isinstance(e, UpstreamError):
+                        raise
+                    raise _upstream_error(e) from e
+                self.resumes_left -= 1
+                log.warning(
+                    "Azure read broke off, resuming at byte %d: %s",
+                    self.pos,
+                    e,
+                    extra={"fields": {"blob_name": self.name}},
+                )
+
+    def _finish(self) -> None:
+        """The whole body was read: give the connection back to the pool for the next request."""
+        response, self._response, self._body = self._response, None, None
+        if response is not None:
+            if azure_sdk_private.body_finished(response):
+                response.raw.release_conn()
+            else:
+                response.close()
+
+    def _drop(self) -> None:
+        response, self._response, self._body = self._response, None, None
+        if response is not None:
+            # close() (not release) discards the connection: unread data must not be reused.
+            # Closing a broken connection may fail; it is gone either way.
+            with contextlib.suppress(Exception):
+                response.close()
+
+    def close(self) -> None:
+        self._drop()
+
+
+class BlobObject:
+    origin = "blob"
+    sendfile_fd: int | None = None
+    local_path: str | None = None
+
+    def __init__(self, source: BlobSource, info: ObjectInfo):
+        self.source, self.info = source, info
+
+    def reader(self, offset: int, length: int) -> RangeReader:
+        return _BlobRange(self.source, self.info.name, offset, length, self.info.etag)
+
+    def close(self) -> None:
+        pass
+
+
+class BlobSource:
+    """The private container, read through the agent's AzureBlobStore (auth, endpoint, CA, pool)."""
+
+    def __init__(self, config: Config, settings: StreamSettings, store: AzureBlobStore | None = None):
+        self.config = config
+        self.settings = settings
+        # One pooled connection per concurrent stream, or connections would be opened and
+        # thrown away on every request once more streams run than the pool holds.
+        self.store = store or AzureBlobStore(config, pool_size=settings.max_connections + 8, interactive=True)
+        self.cache = _StatCache(settings.stat_cache_seconds, settings.stat_cache_entries)
+        # Per request: a stream must fail fast (and say so) rather than sit in the SDK's backoff.
+        self._request_options = {
+            "retry_total": settings.upstream_retries,
+            "connection_timeout": settings.upstream_timeout,
+            "read_timeout": settings.upstream_timeout,
+        }
+
+    def forget(self, name: str) -> None:
+        self.cache.forget(name)
+
+    def stat(self, name: str) -> ObjectInfo | None:
+        cached = self.cache.get(name)
+        if cached is not None:
+            return cached
+        try:
+            props = self.store.blob(name).get_blob_properties(**self._request_options)
+        except ResourceNotFoundError as e:
+            if getattr(e, "error_code", None) == "ContainerNotFound":
+                raise _upstream_error(e) from e
+            return None
+        except (HttpResponseError, ClientAuthenticationError, ServiceRequestError, ServiceResponseError) as e:
+            raise _upstream_error(e) from e
+        except requests.RequestException as e:
+            raise _upstream_error(e) from e
+        info = ObjectInfo(
+            name=name,
+            size=props.size,
+            etag=props.etag,
+            last_modified=props.last_modified,
+            sha256=(props.metadata or {}).get(SHA256_METADATA_KEY),
+            content_type=props.content_settings.content_type,
+            metadata=dict(props.metadata or {}),
+        )
+        self.cache.put(info)
+        return info
+
+    def open(self, media: MediaFile) -> BlobObject | None:
+        info = self.stat(media.blob_name)
+        return BlobObject(self, info) if info is not None else None
+
+    def _download(self, name: str, offset: int, length: int, etag: str) -> Any:
+        """A streaming ranged GET pinned with If-Match; returns the requests.Response.
+
+        The SDK's public downloader buffers whole chunks, so this calls the operation the
+        downloader itself calls (same pipeline: auth, retries, timeouts) and keeps the response
+        unread; see agent/storage/azure_sdk_private.py and its contract test.
+        """
+        try:
+            response = azure_sdk_private.download(self.store.blob(name), offset, length, etag, **self._request_options)
+        except ResourceNotFoundError as e:
+            self.forget(name)
+            raise ObjectNotFound(name) from e
+        except HttpResponseError as e:
+            if e.status_code == 412:
+                self.forget(name)
+                raise ObjectChanged(name) from e
+            raise _upstream_error(e) from e
+        except (ClientAuthenticationError, ServiceRequestError, ServiceResponseError, requests.RequestException) as e:
+            raise _upstream_error(e) from e
+        return response
+
+    # -- the storage seam ----------------------------------------------------------------------
+    def read_range(
+        self, name: str, offset: int, length: int, etag: str | None = None, chunk_size: int = 1024 * 1024
+    ) -> Iterator[bytes]:
+        if etag is None:
+            info = self.stat(name)
+            if info is None:
+                raise ObjectNotFound(name)
+            etag = info.etag
+        if length <= 0:
+            return
+        yield from iter_range(_BlobRange(self, name, offset, length, etag), chunk_size)

@@ -18,6 +18,7 @@ from http import HTTPStatus
 
 from ..config import Config
 from ..media import MediaFile
+from ..media_urls import media_file_for_target
 from ..storage import ObjectChanged, ObjectNotFound
 from .http import (
     ALLOWED_METHODS,
@@ -35,7 +36,6 @@ from .http import (
 )
 from .settings import StreamSettings
 from .sources import OpenObject, RangeReader, Sources, UpstreamError
-from .urls import media_file_for_target
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +226,7 @@ class Handler:
 
     # ---- choosing the bytes ------------------------------------------------------------------
     def _open(self, media: MediaFile) -> OpenObject | None:
-        obj: OpenObject | None = self.sources.local.open(media)
-        if obj is None and self.sources.blob is not None:
-            obj = self.sources.blob.open(media)
-        return obj
+        return self.sources.open(media)
 
     def _serve(self, req: Request, out: Output, media: MediaFile, keep_alive: bool) -> bool:
         # A blob that changes between its properties and its read is read again, once; If-Match

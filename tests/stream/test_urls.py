@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import Config, MediaRoot
-from agent.stream.urls import media_file_for_target
+from agent.media_urls import media_file_for_target
 
 SHA = "0123456789abcdef" * 4
 CONFIG = Config(

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import _proc
+from .strict_gate import StrictGate
 
 ACCOUNT_NAME = "devstoreaccount1"
 # The emulator's published, well-known development key (not a secret).
@@ -98,6 +99,10 @@ class Azurite:
         self.in_memory = in_memory
         self.log_path = self.location / "azurite.log"
         self._proc: subprocess.Popen | None = None
+        # The strict-Azure gate in front (tests/support/strict_gate.py): once attached, port,
+        # blob_endpoint and connection_string name the gate, so every client goes through it;
+        # direct_* name Azurite itself.
+        self.gate: StrictGate | None = None
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -106,6 +111,10 @@ class Azurite:
 
     @property
     def port(self) -> int:
+        return self.gate.port if self.gate is not None else self.direct_port
+
+    @property
+    def direct_port(self) -> int:
         if not self._port:
             raise AzuriteError("Azurite has not been started yet")
         return self._port
@@ -132,6 +141,23 @@ class Azurite:
             f"DefaultEndpointsProtocol={self.scheme};AccountName={ACCOUNT_NAME};"
             f"AccountKey={ACCOUNT_KEY};BlobEndpoint={self.blob_endpoint};"
         )
+
+    @property
+    def direct_connection_string(self) -> str:
+        """Azurite itself, bypassing the gate (for setup a test wants unchecked)."""
+        endpoint = f"{self.scheme}://{self.host}:{self.direct_port}/{ACCOUNT_NAME}"
+        return (
+            f"DefaultEndpointsProtocol={self.scheme};AccountName={ACCOUNT_NAME};"
+            f"AccountKey={ACCOUNT_KEY};BlobEndpoint={endpoint};"
+        )
+
+    def attach_gate(self) -> StrictGate:
+        """Put a strict-Azure gate in front of this (started) Azurite; returns it."""
+        if self.gate is None:
+            certfile = str(self.cert) if self.https else None
+            keyfile = str(self.key) if self.https else None
+            self.gate = StrictGate(self.host, self.direct_port, certfile=certfile, keyfile=keyfile).start()
+        return self.gate
 
     @property
     def pid(self) -> int | None:
@@ -238,6 +264,11 @@ class Azurite:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def close_gate(self) -> None:
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

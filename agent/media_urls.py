@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 
-from ..config import Config
-from ..media import SHA256_NAME_RE, MediaFile, media_file_for_blob, name_problem
+from .config import Config
+from .media import SHA256_NAME_RE, MediaFile, media_file_for_blob, name_problem
 
 # A content-addressed URL is at most /<root:32>/thumbnails/<sha256:64>.<ext:10> (~120
 # characters); other roots get room for a few directory levels, never more than a blob name.
