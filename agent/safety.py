@@ -76,25 +76,17 @@ class Witnesses:
         return None
 
     def blob(self, rec: FileRecord) -> str | None:
-        """The blob, read now, is the one the upload verified. Raises OutageDuringCheck."""
+        """The blob, read now, is the one the upload verified, proven by the service's own record
+        (its committed block list of MD5-checked blocks, or the Content-MD5 a single Put Blob was
+        checked against), pinned to the verified ETag. Raises OutageDuringCheck."""
+        assert rec.size is not None and rec.sha256 is not None
         try:
-            info = self.store.stat(rec.blob_name)
+            reason = self.store.verify_committed(
+                rec.blob_name, rec.size, bytes.fromhex(rec.md5) if rec.md5 else b"", rec.sha256, rec.etag
+            )
         except StoreUnavailable as e:
             raise OutageDuringCheck(str(e)) from e
-        if info is None:
-            return "its blob is missing"
-        problems = []
-        if info.size != rec.size:
-            problems.append(f"size {info.size} != {rec.size}")
-        if info.etag != rec.etag:
-            problems.append("ETag differs from the verified upload (replaced since)")
-        if info.sha256 != rec.sha256:
-            problems.append("sha256 metadata differs")
-        if rec.md5 and info.content_md5 is not None and info.content_md5.hex() != rec.md5:
-            problems.append("Content-MD5 differs")
-        if info.content_md5 is None:
-            problems.append("the blob has no Content-MD5")
-        return f"its blob differs from the verified upload ({'; '.join(problems)})" if problems else None
+        return f"its blob differs from the verified upload ({reason})" if reason else None
 
     def pointer(self, rec: FileRecord) -> str | None:
         """The DB, read back now, points at this blob. Raises OutageDuringCheck when MySQL is down."""
