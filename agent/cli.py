@@ -34,6 +34,7 @@ COMMANDS = {
     "migrate": "move the existing local library to Blob (or back with --to-local), verified and resumable",
     "verify": "check uploaded files against their blobs (size, MD5, sha256; --readback downloads)",
     "reconcile": "compare local roots, the container and the DB pointers; repair the safe differences",
+    "undelete": "keep the blob of an asset deleted in GigHive (cancel its soft delete before the purge)",
     "fetch": "bring evicted files back to disk, verified, for a GigHive reader that needs them local",
     "doctor": "preflight: check config, DNS, TLS, token, container, roots, MySQL and units (PASS/WARN/FAIL)",
     "serve": "stream /audio/ and /video/ to the web front from local disk or Blob (started by the socket unit)",
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="GigHive's assets table lost many rows since the agent last read it, on purpose: trust it anyway",
     )
+    p = sub.add_parser("undelete", help=COMMANDS["undelete"], description=COMMANDS["undelete"], parents=[common])
+    p.add_argument("items", nargs="+", metavar="BLOB_NAME", help="blob name, e.g. video/<sha256>.mp4")
     p = sub.add_parser(
         "fetch",
         help=COMMANDS["fetch"],
@@ -260,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         print(render_result(result))
     elif args.command in ("migrate", "verify", "reconcile"):
         print(_render(args, result))
+    elif args.command == "undelete":
+        print(
+            f"kept {len(result['undeleted'])} blob(s)"
+            + "".join(f"\n  not soft-deleted: {n}" for n in result["not_soft_deleted"])
+        )  # type: ignore[union-attr]
     elif args.command == "fetch":
         from .actions.fetch import render
 
@@ -336,6 +344,14 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
         from .actions import db_migrate
 
         return db_migrate.run(config), EXIT_OK
+    if command == "undelete":
+        from . import deletes
+        from .context import queue_worker
+
+        with queue_worker(config, wait_for_lock=True) as worker:
+            kept = deletes.undelete(worker.state, [i.lstrip("/") for i in args.items])
+        missing = [i for i in args.items if i.lstrip("/") not in kept]
+        return {"undeleted": kept, "not_soft_deleted": missing}, EXIT_FAILURE if missing else EXIT_OK
     if command == "fetch":
         from .actions import fetch
 

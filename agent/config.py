@@ -102,6 +102,8 @@ class Config:
     evict_min_age_days: float = 7.0
     evict_above_disk_percent: float = 0.0
     evict_wait_for_gighive: bool = True
+    # Blobs of assets deleted in GigHive: purged this long after the delete was seen (0: never).
+    purge_deleted_after_days: float = 30.0
     mysql: MysqlConfig | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     block_size: int = 8 * 1024 * 1024
@@ -141,6 +143,7 @@ class Config:
             "evict_min_age_days": self.evict_min_age_days,
             "evict_above_disk_percent": self.evict_above_disk_percent,
             "evict_wait_for_gighive": self.evict_wait_for_gighive,
+            "purge_deleted_after_days": self.purge_deleted_after_days,
             "database": (
                 f"mysql://{self.mysql.user}@{self.mysql.host}:{self.mysql.port}/{self.mysql.database}"
                 if self.mysql
@@ -543,6 +546,7 @@ def load(
         evict_min_age_days=float(r.number("EVICT_MIN_AGE_DAYS", 7.0, 0.0, 36500.0)),
         evict_above_disk_percent=float(r.number("EVICT_ABOVE_DISK_PERCENT", 0.0, 0.0, 99.0)),
         evict_wait_for_gighive=r.boolean("EVICT_WAIT_FOR_GIGHIVE", True),
+        purge_deleted_after_days=float(r.number("PURGE_DELETED_AFTER_DAYS", 30.0, 0.0, 36500.0)),
         mysql=mysql,
         retry=retry,
         block_size=r.size("UPLOAD_BLOCK_SIZE", 8 * 1024 * 1024, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE),

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 SERVICE_USER = "gighive-media"
 
 # Commands that open the state or the queue lock for writing (or could create them).
-STATE_WRITERS = frozenset({"upload", "retry", "requeue", "migrate", "reconcile", "verify", "fetch"})
+STATE_WRITERS = frozenset({"upload", "retry", "requeue", "migrate", "reconcile", "verify", "fetch", "undelete"})
 
 
 # `fetch` puts files back for GigHive's own readers, owned like GigHive's files (uid 33, the media

@@ -178,6 +178,10 @@ def evict(w: Witnesses, rec: FileRecord) -> Eviction:
             w.state.finish_eviction(rec.blob_name, _pointer_after(w))
             return Eviction(True)
         aside = str(Path(path).with_name(f".{Path(path).name}.gighive-evict"))
+        if os.path.lexists(aside):
+            # Left by an interrupted eviction that could not be confirmed (recover() logged it):
+            # renaming over it would destroy that file. The operator decides.
+            return Eviction(False, f"{aside} from an earlier interrupted eviction is still there; look at it first")
         w.state.begin_eviction(rec.blob_name, path, aside, st.st_ino)
         try:
             os.rename(path, aside)
@@ -357,6 +361,44 @@ def remember_assets(state: StateStore, witness: AssetsWitness) -> None:
 
 
 # ---- deleting a blob -------------------------------------------------------------------------
+
+
+def purge_deleted(
+    config: Config, state: StateStore, store: AzureBlobStore, name: str, key, current
+) -> bool | str | None:
+    """Purge the blob of an asset GigHive deleted, once its grace period is over (agent.deletes).
+
+    True: purged and forgotten. None: a witness says it is wanted after all (the soft delete is
+    cancelled). A string: not purged this time, and why (an outage, another version)."""
+    rec = state.get(name)
+    mf = media_file_for_blob(config, name)
+    if key in current:
+        log.info("not purging %s: the asset is back in GigHive", name)
+        return None
+    if mf is None or os.path.lexists(mf.path):
+        log.info("not purging %s: a local file has its name again", name)
+        return None
+    if rec is None or not rec.etag:
+        log.info("not purging %s: the agent has no record of the blob's version", name)
+        return None
+    try:
+        # Conditional on the version the agent recorded: a blob replaced since is not purged.
+        store.delete(name, etag=rec.etag)
+    except StoreUnavailable as e:
+        return str(e)
+    state.forget_purged(name)
+    log.warning("purged %s: its asset was deleted in GigHive and the grace period is over", name)
+    return True
+
+
+def delete_orphan(config: Config, store: AzureBlobStore, name: str, etag: str) -> bool:
+    """Prune one orphan blob (reconcile decided no witness claims it): only the listed version, and
+    not if a local file took its name meanwhile. Raises StoreUnavailable."""
+    mf = media_file_for_blob(config, name)
+    if mf is not None and os.path.lexists(mf.path):
+        return False
+    store.delete(name, etag=etag)
+    return True
 
 
 def blob_unclaimed(

@@ -57,6 +57,21 @@ CREATE INDEX IF NOT EXISTS files_by_pointer ON files (pointer);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- A destructive step in progress (agent.safety): written, and fsynced, before the step starts, so
 -- the next run can finish or undo whatever a kill or a power cut interrupted.
+-- GigHive's `assets` as last seen whole (agent.deletes): an asset gone from a whole table,
+-- with its local file gone too, was deleted in GigHive.
+CREATE TABLE IF NOT EXISTS assets_seen (
+    file_type   TEXT NOT NULL,
+    checksum    TEXT NOT NULL,
+    PRIMARY KEY (file_type, checksum)
+);
+-- Blobs of deleted assets, soft-deleted: purged after the grace period unless restored.
+CREATE TABLE IF NOT EXISTS deletions (
+    blob_name       TEXT PRIMARY KEY,
+    file_type       TEXT NOT NULL,
+    checksum        TEXT NOT NULL,
+    seen_deleted_at REAL NOT NULL,
+    purge_after     REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS intents (
     blob_name   TEXT PRIMARY KEY,
     action      TEXT NOT NULL CHECK (action IN ('evict')),
@@ -541,6 +556,37 @@ class StateStore:
                 "keep_local_until = ?, pointer = ?, updated_at = ? WHERE blob_name = ?",
                 (st.st_size, st.st_mtime_ns, st.st_ino, keep_until, pointer, time.time(), blob_name),
             )
+
+    # ---- GigHive's deletes (agent.deletes is the only caller) --------------------------------
+
+    def assets_seen(self) -> set[tuple[str, str]]:
+        return {(r[0], r[1]) for r in self._query("SELECT file_type, checksum FROM assets_seen")}
+
+    def replace_assets_seen(self, keys: set[tuple[str, str]]) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM assets_seen")
+            db.executemany("INSERT INTO assets_seen (file_type, checksum) VALUES (?, ?)", sorted(keys))
+
+    def deletions(self) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM deletions ORDER BY purge_after, blob_name")
+
+    def add_deletion(self, blob_name: str, file_type: str, checksum: str, purge_after: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO deletions (blob_name, file_type, checksum, seen_deleted_at, purge_after) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (blob_name, file_type, checksum, time.time(), purge_after),
+            )
+
+    def drop_deletion(self, blob_name: str) -> int:
+        with self._tx() as db:
+            return db.execute("DELETE FROM deletions WHERE blob_name = ?", (blob_name,)).rowcount
+
+    def forget_purged(self, blob_name: str) -> None:
+        """The deleted asset's blob is gone for good: so is every record of it."""
+        with self.durable() as db:
+            db.execute("DELETE FROM files WHERE blob_name = ?", (blob_name,))
+            db.execute("DELETE FROM deletions WHERE blob_name = ?", (blob_name,))
 
     def forget(self, blob_name: str) -> None:
         """The file vanished before it was uploaded: nothing to keep track of. Callers go

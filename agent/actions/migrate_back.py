@@ -96,6 +96,8 @@ def survey(
     pointers: dict[str, Location] | None = db.locations() if db is not None else None
     assets = safety.assets_witness(db, safety.assets_seen(state))
     out = Survey(assets_problem=assets.problem)
+    # Soft-deleted blobs of assets GigHive deleted (agent.deletes) do not come back.
+    deleted = {r["blob_name"] for r in state.deletions()} if state is not None else set()
 
     candidates: set[str] = set(listing)
     candidates.update(n for n, r in records.items() if r.state in ("uploaded", "evicted"))
@@ -118,7 +120,7 @@ def survey(
             if blob is not None and not _local_matches(mf.path, st, blob, rec, out):
                 out.differs.append(name)
             continue
-        if why is None:
+        if why is None or name in deleted:
             out.left_in_blob.append(name)
             continue
         sha, size = _expected(rec, blob, mf.expected_sha256)

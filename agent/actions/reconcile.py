@@ -25,7 +25,7 @@ import logging
 import os
 import time
 
-from .. import safety
+from .. import deletes, safety
 from ..config import Config, MediaRoot
 from ..context import queue_worker
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
@@ -199,10 +199,9 @@ def run(
                 worker.flip_pending_pointers()
             if prune_orphans and prune_refused is None:
                 for name, blob in orphans:
-                    if os.path.lexists(local_path(config, name)):
-                        continue  # a file landed under that name meanwhile: not an orphan now
                     try:
-                        store.delete(name, etag=blob.etag)
+                        if not safety.delete_orphan(config, store, name, blob.etag):
+                            continue  # a file landed under that name meanwhile: not an orphan now
                     except StoreUnavailable as e:
                         pointer_errors.append(f"{name}: not deleted: {e}")
                         continue
@@ -216,7 +215,11 @@ def run(
                         except PointerUnavailable as e:
                             pointer_errors.append(f"{name}: pointer row not removed: {e}")
 
-        if not dry_run and assets.keys is not None:
+        if not dry_run and accept_assets_shrink:
+            # The operator's explicit word that the rows are gone on purpose: their blobs are
+            # soft-deleted now (purged after the grace period), and the new size is remembered.
+            deletes.track(config, state, store, db, accept_shrink=True)
+        elif not dry_run and assets.keys is not None:
             safety.remember_assets(state, assets)
 
     if prune_refused is not None:
@@ -283,11 +286,6 @@ def _pointer_right(loc: Location | None, rec: FileRecord, container: str) -> boo
         and loc.content_sha256 == rec.sha256
         and loc.local_copy == bool(rec.local_copy)
     )
-
-
-def local_path(config: Config, name: str) -> str:
-    mf = media_file_for_blob(config, name)
-    return str(mf.path) if mf is not None else ""
 
 
 def _rebuild(config, state, listing, records, local, pointers, assets, dry_run) -> list[str]:

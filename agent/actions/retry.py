@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from .. import deletes
 from ..config import Config
 from ..context import queue_worker
 from ..errors import LockBusy
@@ -26,6 +27,8 @@ def run(config: Config) -> dict[str, object]:
             report.add(worker.housekeeping())
             report.add(worker.run_due(include_failed=True))
             report.add(worker.housekeeping())
+            # GigHive's deletes: soft-delete, and purge after the grace period (agent.deletes).
+            deleted = deletes.track(config, worker.state, worker.store, worker.pointer_db)
             worker.notifier.stopping()
     except LockBusy as e:
         log.info("%s; it handles due retries itself, so this run has nothing to do", e)
@@ -41,4 +44,12 @@ def run(config: Config) -> dict[str, object]:
         report.pointers_flipped,
         report.evicted,
     )
-    return {"scan": scan.as_dict(), **report.as_dict(), "outage": worker.outage}
+    return {
+        "scan": scan.as_dict(),
+        **report.as_dict(),
+        "outage": worker.outage,
+        "soft_deleted": deleted.soft_deleted,
+        "purged": deleted.purged,
+        "undeleted": deleted.restored,
+        "assets_problem": deleted.assets_problem,
+    }

@@ -35,6 +35,16 @@ def run(config: Config, limit: int = 50) -> dict[str, object]:
         ]
         result["outage"] = _outage(state)
         result["local_hold"] = safety.held(state)
+        deletions = state.deletions()
+        result["soft_deleted"] = [
+            {
+                "blob_name": r["blob_name"],
+                "purge_in_s": round(max(0.0, r["purge_after"] - time.time())),
+            }
+            for r in deletions[:limit]
+        ]
+        result["soft_deleted_count"] = len(deletions)
+        result["assets_problem"] = state.get_meta("assets_problem")
     finally:
         state.close()
     result["queue_lock_holder"] = _lock_holder(config)
@@ -125,6 +135,14 @@ def render(result: dict[str, object]) -> str:
         lines.append(
             f"eviction on hold since {result['local_hold']} (`migrate --to-local` ran): nothing is deleted locally "
             "and the DB keeps pointing at local files until `gighive-media migrate` is run again"
+        )
+    if result.get("assets_problem"):
+        lines.append(f"GigHive's assets table is not trusted now, so no delete is inferred: {result['assets_problem']}")
+    if result.get("soft_deleted_count"):
+        first = result["soft_deleted"][0]  # type: ignore[index]
+        lines.append(
+            f"{result['soft_deleted_count']} blob(s) of assets deleted in GigHive are soft-deleted (first purge in "
+            f"{first['purge_in_s']}s); `gighive-media undelete NAME` keeps one"
         )
     for where, problem in (result.get("root_errors") or {}).items():  # type: ignore[union-attr]
         lines.append(f"media root {where} not scanned: {problem}")

@@ -1,0 +1,143 @@
+"""GigHive's deletes: soft delete, grace period, purge, and the mass disappearances that are not deletes.
+
+Real files, Azurite, MariaDB with GigHive's `assets`; the agent through its CLI, as the retry timer
+runs it. A delete is GigHive's admin delete: the asset row dropped and the local file unlinked.
+"""
+
+from __future__ import annotations
+
+from agent.state import StateStore
+from tests.integration.agent_harness import Harness
+from tests.integration.test_migrate import blob_snapshot, build_library, db_harness, local_path
+from tests.integration.test_safety import evicted_library, evicted_media
+from tests.integration.test_verify_reconcile import add_assets, db_exec
+
+__all__ = ["db_harness"]
+
+
+def sha_of(name: str) -> str:
+    return name.split("/")[-1].split(".")[0]
+
+
+def gighive_delete(media_db, media_roots, name: str) -> None:
+    """What GigHive's admin delete does: unlink the local file if it is there, drop the row."""
+    local_path(media_roots, name).unlink(missing_ok=True)
+    db_exec(media_db, "DELETE FROM assets WHERE checksum_sha256 = %s", (sha_of(name),))
+
+
+def expire_grace(h: Harness) -> None:
+    """The grace period passes: every recorded purge time moves to the past (no waiting)."""
+    s = StateStore.open(h.state_dir)
+    s._db.execute("UPDATE deletions SET purge_after = 0")
+    s.close()
+
+
+def test_a_deleted_asset_is_soft_deleted_then_purged_after_the_grace_period(
+    db_harness: Harness, media_roots, media_db
+) -> None:
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=8, large=0)
+    h.cli("retry", check=True)  # the agent sees `assets` whole once
+    victim = evicted_media(files, media_roots)[0]
+    gighive_delete(media_db, media_roots, victim)
+    h.write_config(PURGE_DELETED_AFTER_DAYS="1")
+    r = h.cli_json("retry")
+    assert victim in r["soft_deleted"] and r["purged"] == [], r
+    assert victim in blob_snapshot(h)  # soft: still in the container, restorable
+    status = h.cli_json("status")
+    assert status["soft_deleted_count"] >= 1
+    assert h.cli_json("retry")["purged"] == []  # the day has not passed
+    others = {n for n in blob_snapshot(h) if n != victim and sha_of(victim) not in n}
+    expire_grace(h)  # the day passes
+    r = h.cli_json("retry")
+    assert victim in r["purged"], r
+    assert victim not in blob_snapshot(h)
+    assert others <= set(blob_snapshot(h))  # nothing else touched
+
+
+def test_a_reimported_asset_cancels_its_soft_delete(db_harness: Harness, media_roots, media_db) -> None:
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=6, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[0]
+    gighive_delete(media_db, media_roots, victim)
+    assert victim in h.cli_json("retry")["soft_deleted"]
+    add_assets(media_db, [victim])  # a re-import brings the row back
+    r = h.cli_json("retry")
+    assert victim in r["undeleted"], r
+    assert h.cli_json("status")["soft_deleted_count"] == 0
+
+
+def test_undelete_keeps_a_soft_deleted_blob(db_harness: Harness, media_roots, media_db) -> None:
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=6, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[0]
+    gighive_delete(media_db, media_roots, victim)
+    h.cli("retry", check=True)
+    r = h.cli_json("undelete", victim)
+    assert r["undeleted"] == [victim]
+    expire_grace(h)
+    h.cli("retry", check=True)
+    assert victim in blob_snapshot(h)
+    p = h.cli("undelete", "video/" + "f" * 64 + ".mp4")
+    assert p.returncode == 1 and "not soft-deleted" in p.stdout
+
+
+def test_mass_disappearances_are_reported_not_deleted(db_harness: Harness, media_roots, media_db) -> None:
+    """TRUNCATE (clear media, imports), half the rows gone (an import refilling), MySQL down:
+    nothing is soft-deleted and nothing purged; the explicit operator word turns real deletions
+    into soft deletes."""
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=20, large=0)
+    h.cli("retry", check=True)
+    before = blob_snapshot(h)
+    db_exec(media_db, "TRUNCATE TABLE assets")
+    r = h.cli_json("retry")
+    assert r["soft_deleted"] == [] and r["purged"] == [] and "empty" in r["assets_problem"], r
+    assert "not trusted now" in h.cli("status").stdout
+    add_assets(media_db, files)
+    h.cli("retry", check=True)
+    gone = evicted_media(files, media_roots)[: len(files) // 2]
+    for name in gone:
+        gighive_delete(media_db, media_roots, name)
+    r = h.cli_json("retry")
+    assert r["soft_deleted"] == [] and "shrank" in r["assets_problem"], r
+    media_db.stop()
+    try:
+        r = h.cli_json("retry")
+        assert r["soft_deleted"] == [] and r["purged"] == []
+    finally:
+        media_db.start()
+    assert blob_snapshot(h) == before
+    # The operator confirms: these were real deletions.
+    h.cli("reconcile", "--accept-assets-shrink", check=False)
+    soft = {row["blob_name"] for row in h.cli_json("status")["soft_deleted"]}
+    assert set(gone) <= soft
+
+
+def test_a_row_gone_while_the_file_is_still_on_disk_is_not_a_delete(db_harness: Harness, media_roots, media_db) -> None:
+    h = db_harness
+    files = build_library(media_roots, small=6, large=0)
+    add_assets(media_db, files)
+    h.cli("migrate", "--no-progress", check=True)  # uploaded, not evicted: every file is local
+    h.cli("retry", check=True)
+    local = sorted(n for n in files if n.count("/") == 1 and n.endswith((".mp4", ".mp3")))
+    assert local and all(local_path(media_roots, n).exists() for n in local)
+    db_exec(media_db, "DELETE FROM assets WHERE checksum_sha256 = %s", (sha_of(local[0]),))
+    assert h.cli_json("retry")["soft_deleted"] == []
+
+
+def test_the_way_back_does_not_bring_back_soft_deleted_assets(db_harness: Harness, media_roots, media_db) -> None:
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=6, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[0]
+    gighive_delete(media_db, media_roots, victim)
+    h.cli("retry", check=True)
+    r = h.cli_json("migrate", "--to-local", "--no-progress")
+    assert not local_path(media_roots, victim).exists()
+    assert r["left_in_blob_count"] >= 1
+    for name, data in files.items():
+        if sha_of(victim) not in name:
+            assert local_path(media_roots, name).read_bytes() == data
