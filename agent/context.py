@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from . import interrupts
 from .config import Config
 from .errors import LockBusy
 from .lock import QueueLock
@@ -39,7 +40,9 @@ def queue_worker(config: Config, wait_for_lock: bool) -> Iterator[Worker]:
             log.warning("%d file(s) were left mid-upload by an interrupted run; queued again", repaired)
         pointer_db = PointerDB(config.mysql) if config.mysql else None
         store = AzureBlobStore(config)
-        yield Worker(config, state, store, pointer_db, Notifier())
+        worker = Worker(config, state, store, pointer_db, Notifier())
+        interrupts.adopt(state=state, lock=lock, stop=worker.stop)
+        yield worker
     finally:
         if pointer_db is not None:
             pointer_db.close()
