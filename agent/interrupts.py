@@ -6,8 +6,10 @@ retry sleeps or in a container listing; unwinding then joins those threads (the 
 shutdown, then the interpreter's exit, which joins every non-daemon thread), and a stop took
 from seconds to minutes.
 
-Instead the handler only wakes a stopper thread through a pipe (no lock is taken in a signal
-handler, so it cannot deadlock on one the main thread holds). The stopper sets the run's stop
+Instead the signal wakes a stopper thread through a pipe, written by the interpreter's C-level
+handler (signal.set_wakeup_fd): that works while the main thread is stuck in a system call, and no
+Python lock is taken in a signal handler, so none can deadlock on one the main thread holds.
+The stopper sets the run's stop
 events (no new file starts, rate-limit waits end, block uploads stop between blocks), gives work
 in flight GRACE_S to reach a safe point, then takes the state database's lock (a transaction in
 progress finishes, none starts after), records the files still `uploading` as interrupted
@@ -68,6 +70,9 @@ def install(on_exit: Callable[[int, str], None] | None = None) -> None:
     threading.Thread(target=_stopper, name="stopper", daemon=True).start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _handler)
+    # The interpreter writes each signal's number to this pipe from its C handler, whichever
+    # thread the kernel delivered it to: one byte per signal, so a second one is seen too.
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     _installed = True
 
 
@@ -147,24 +152,20 @@ def exit_code(signum: int) -> int:
 
 
 def _handler(signum: int, _frame: object) -> None:
+    # Replaces the default action (KeyboardInterrupt, or death by SIGTERM); the stopper, woken
+    # through the wakeup pipe, does the work.
     global _signum
     if _signum is None:
         _signum = signum
-    assert _pipe is not None
-    # A second signal (an impatient Ctrl-C) writes again: the stopper then skips the grace.
-    with contextlib.suppress(OSError):
-        os.write(_pipe[1], b"x")
 
 
 def _stopper() -> None:
+    global _signum
     assert _pipe is not None
     r = _pipe[0]
-    while True:
-        try:
-            os.read(r, 1)
-            break
-        except InterruptedError:
-            continue
+    first = os.read(r, 1)  # PEP 475: retried on EINTR
+    if _signum is None:
+        _signum = first[0]
     for stop in list(_stops):
         stop.set()
     deadline = time.monotonic() + GRACE_S
@@ -174,7 +175,7 @@ def _stopper() -> None:
             break
         ready, _, _ = select.select([r], [], [], min(left, 0.01))
         if ready:
-            break  # a second signal: no more grace
+            break  # a second signal (an impatient Ctrl-C): no more grace
     _terminate()
 
 

@@ -165,10 +165,13 @@ def wait_until(proc: subprocess.Popen, what: str, ready: Callable[[], bool]) -> 
         time.sleep(0.01)
 
 
-def stop(proc: subprocess.Popen, sig: signal.Signals) -> Outcome:
-    """Send `sig`; the exit code, the time until the process was gone, and its stderr."""
+def stop(proc: subprocess.Popen, sig: signal.Signals, after: Callable[[], None] | None = None) -> Outcome:
+    """Send `sig` (then call `after`); the exit code, the time until the process was gone, and
+    its stderr."""
     started = time.monotonic()
     proc.send_signal(sig)
+    if after is not None:
+        after()
     try:
         _, err = proc.communicate(timeout=HANG_GUARD_S)
     except subprocess.TimeoutExpired:
@@ -273,7 +276,8 @@ def _sdk_retrying(s: Setup, proc: subprocess.Popen, sig: signal.Signals) -> Outc
     s.proxy.http_errors(1000, (503,))
     wait_until(proc, "the SDK retrying a 503", lambda: s.proxy.errors_sent >= 1)
     try:
-        return stop(proc, sig)
+        # Released once the signal is sent: from then on the SDK's tries run their natural course.
+        return stop(proc, sig, after=s.proxy.release.set)
     finally:
         s.proxy.release.set()
 
