@@ -12,13 +12,14 @@ machine is shared, and the 1 s figure comes from bench/interrupt_bench.py (docs/
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,8 +397,6 @@ def test_json_output_says_interrupted(setup: Setup) -> None:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130, err[-3000:]
-    import json
-
     assert json.loads(out) == {
         "error": "Interrupted",
         "message": "stopped by SIGINT; run it again to continue",
@@ -407,11 +406,5 @@ def test_json_output_says_interrupted(setup: Setup) -> None:
 
 def fresh_container(azurite) -> ContainerClient:
     """For the benchmark: a new container in `azurite` per try."""
-    import uuid
-
     service = BlobServiceClient.from_connection_string(azurite.connection_string)
     return service.create_container(f"intr-{uuid.uuid4().hex[:20]}")
-
-
-def scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="gighive-interrupt-"))
