@@ -8,6 +8,7 @@ Exit codes:
   73  the state directory cannot be used
   75  another run holds the queue lock (commands that need it exclusively)
   78  bad configuration (systemd's RestartPreventExitStatus= covers it)
+  130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM (`systemctl stop`): the next run continues
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, interrupts, logs
 from .config import DEFAULT_CONFIG_PATH, load, parse_size
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SOFTWARE, AgentError, ConfigError, ConfigErrors
 from .privileges import become_service_user
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and keeps GigHive's DB pointing at where each file lives.",
         epilog="Configuration is read from the env file and the environment; see gighive-media(1). "
         "Exit codes: 0 ok, 1 failed/needs attention, 2 usage, 69 unavailable, 73 state dir unusable, "
-        "75 queue busy, 78 bad configuration.",
+        "75 queue busy, 78 bad configuration, 130/143 stopped by SIGINT/SIGTERM.",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate",
         help=COMMANDS["migrate"],
         description=COMMANDS["migrate"] + ". Exit code: 0 done, 1 some files failed or were quarantined, "
-        "69 Azure or MySQL unavailable, 130 interrupted (run it again to continue).",
+        "69 Azure or MySQL unavailable, 130 or 143 stopped by SIGINT or SIGTERM (run it again to continue).",
         parents=[common],
     )
     p.add_argument(
@@ -236,10 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": "configuration", "problems": [str(x) for x in e.errors]}, indent=2))
         return EXIT_CONFIG
     logs.setup(getattr(args, "log_level", None) or config.log_level)
+    if args.command in INTERRUPTIBLE:
+        interrupts.install(on_exit=_interrupted_json if as_json else None)
 
     try:
         become_service_user(args.command, config.state_dir)
-        result, code = dispatch(args, config)
+        result, code = interrupts.guarded(dispatch, args, config)
     except AgentError as e:
         log.error("%s", e)
         if as_json:
@@ -275,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command in ("requeue", "db-migrate"):
         print(_one_line(args.command, result))
     return code
+
+
+# Commands that move files: a stop signal ends them within a second (agent/interrupts.py).
+INTERRUPTIBLE = ("migrate", "upload", "retry")
+
+
+def _interrupted_json(code: int, signal_name: str) -> None:
+    message = f"stopped by {signal_name}; run it again to continue"
+    print(json.dumps({"error": "Interrupted", "message": message, "exit_code": code}, indent=2))
 
 
 def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from . import interrupts
 from .config import Config
 from .errors import LockBusy
 from .lock import QueueLock
@@ -40,6 +41,7 @@ def queue_worker(config: Config, wait_for_lock: bool) -> Iterator[Worker]:
         pointer_db = PointerDB(config.mysql) if config.mysql else None
         store = AzureBlobStore(config)
         worker = Worker(config, state, store, pointer_db, Notifier())
+        interrupts.adopt(state=state, lock=lock, stop=worker.stop)
         worker.recover()
         yield worker
     finally:

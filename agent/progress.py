@@ -18,6 +18,7 @@ from typing import TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from . import interrupts
 from .notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Progress:
             self._redirect.__enter__()
             for handler in logging.getLogger().handlers:
                 handler.setLevel(max(handler.level, logging.WARNING))
+        # A stop signal leaves the process without unwinding: the bar is finished first.
+        self._forget_stop = interrupts.on_stop(self.close)
 
     def _postfix(self) -> str:
         text = f"{self.files}/{self.total_files} files"
@@ -150,6 +153,7 @@ class Progress:
         )
 
     def close(self) -> None:
+        self._forget_stop()
         with self._lock:
             if self.bar is not None:
                 self.bar.close()

@@ -12,9 +12,10 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 from dataclasses import dataclass
 
+from . import interrupts
+from .errors import Interrupted
 from .media import MediaFile
 from .privileges import chown_like
 from .storage.azure_blob import AzureBlobStore
@@ -41,11 +42,19 @@ def sha256_of(path: str, chunk: int = 4 * 1024 * 1024) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+# A stop gives a restore in flight a short grace: to finish its link and clean-up, or to give up
+# between two chunks (and remove its temporary file).
+@interrupts.busy()
 def restore(store: AzureBlobStore, mf: MediaFile, size: int, sha256: str, mtime_ns: int | None) -> Restored:
     expected = mf.expected_sha256
     if expected is not None and expected != sha256:
         raise RestoreFailed(f"the recorded sha256 {sha256} differs from the one in the name {expected}")
     target = mf.path
+    # One fixed name per file (the queue lock keeps other runs out): what a stopped or killed run
+    # left behind is removed by the next one instead of staying hidden forever.
+    tmp = target.parent / f".{target.name}.gighive-restore"
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.unlink(tmp)
     if os.path.lexists(target):
         # An earlier run placed it and was stopped before recording that, or someone copied
         # it back by hand: accept it only if it is the recorded file.
@@ -65,13 +74,14 @@ def restore(store: AzureBlobStore, mf: MediaFile, size: int, sha256: str, mtime_
         )
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{target.name}.gighive-restore-{secrets.token_hex(4)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         h = hashlib.sha256()
         written = 0
         with os.fdopen(fd, "wb", buffering=0) as out:
             for chunk in store.read_range(mf.blob_name, 0, size, etag=info.etag):
+                if interrupts.requested():
+                    raise Interrupted(f"stopped after {written} of {size} bytes of {mf.blob_name}")
                 h.update(chunk)
                 out.write(chunk)
                 written += len(chunk)

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from . import interrupts
 from .errors import ContentMismatch, FileRejected, Interrupted, VerificationFailed
 from .media import MediaFile
 from .ratelimit import RateLimiter
@@ -97,7 +98,8 @@ class Transfer:
         under its name (migrate lists the container once instead of asking per file)."""
         started = time.monotonic()
         fd, st = open_media_file(str(mf.path))
-        with os.fdopen(fd, "rb", buffering=0) as f:
+        # A stop gives a transfer in flight a short grace to finish or give up between blocks.
+        with interrupts.busy(), os.fdopen(fd, "rb", buffering=0) as f:
             if st.st_size <= self.block_size:
                 result = self._upload_small(mf, f, st, listed)
             else:
@@ -281,6 +283,9 @@ class Transfer:
             raise VerificationFailed(f"blob {mf.blob_name} does not match the local file: {reason}")
 
     def _throttle(self, nbytes: int) -> None:
+        # Called before every request that sends bytes: a stopping run sends no more.
+        if self.stop.is_set():
+            raise Interrupted("stopping")
         if self.limiter is not None:
             self.limiter.consume(nbytes, self.stop)
 

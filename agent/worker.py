@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_c
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import safety
+from . import interrupts, safety
 from .config import Config
 from .errors import ContentMismatch, FileRejected, Interrupted, StateError, VerificationFailed
 from .eviction_policy import EvictionPolicy
@@ -219,11 +219,18 @@ class Worker:
             for fut in as_completed(list(inflight)):
                 finished(inflight.pop(fut), fut.result())
         except BaseException:
-            # Ctrl-C or a state-database failure: start no more files, and stop the ones in
-            # flight between two blocks; each records that it was interrupted.
+            # A state-database failure (or a KeyboardInterrupt where no stop handler is installed):
+            # start no more files, and stop the ones in flight between two blocks.
             self.stop.set()
+            if interrupts.requested():
+                interrupts.finish()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+        if interrupts.requested():
+            # SIGINT/SIGTERM: the files left were held back; the stopper records the ones in
+            # flight and leaves. Joining threads that may sit in a socket read would not be prompt,
+            # and closing the state under them (unwinding) would fail their last writes.
+            interrupts.finish()
         pool.shutdown(wait=True)
         return report
 

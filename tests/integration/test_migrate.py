@@ -277,29 +277,49 @@ def test_to_local_refuses_a_blob_that_is_not_the_recorded_file(harness: Harness,
 
 
 def test_kill_at_random_points_always_resumes_to_the_exact_library(db_harness: Harness, media_roots, media_db) -> None:
-    """20 interruptions (SIGKILL, and SIGINT as a Ctrl-C) at seeded random moments, then one run
-    to the end: the container must hold exactly the library, byte for byte."""
+    """20 interruptions (SIGKILL, and SIGINT as a Ctrl-C) at seeded random points, then one run
+    to the end: the container must hold exactly the library, byte for byte.
+
+    The points are states, not delays, so a loaded machine moves them nowhere: at once (start-up),
+    once this run is uploading a file, and right after it finished one (commit, state write,
+    pointer flip). Whenever little is left to
+    send, a new video joins the library, so every run has seconds of rate-limited work ahead and
+    each kill lands mid-run."""
     h = db_harness
     seed = 20261125
     rng = random.Random(seed)
     files = build_library(media_roots, small=24, large=6, seed=7, large_kib=(1024, 2048))
+    hang_guard = 120  # seconds; a SIGINT stops the run in about one (bench/interrupt_bench.py)
     kills = 0
     mid_run = 0  # kills that landed while files were still to do
-    for _ in range(20):
-        proc = h.spawn("migrate", "--bwlimit", "128K", "--concurrency", "3", "--no-progress")
-        pause = rng.uniform(0.4, 1.6)
-        time.sleep(pause)
+    for round_ in range(20):
+        rows = state_rows(h)
+        uploaded = {row[0] for row in rows if row[8] == "uploaded"}
+        # At 128 KiB/s, 2 MiB still to send is 16 s of work: more than any wait below needs.
+        if sum(len(data) for name, data in files.items() if name not in uploaded) < 2 * 1024 * 1024:
+            path, _ = make_content_addressed(media_roots["video"], 1536 * 1024 + round_, "mp4", seed=9000 + round_)
+            old = time.time() - 3600
+            os.utime(path, (old, old))
+            files[f"video/{path.name}"] = path.read_bytes()
+        point = rng.choice(("start", "uploading", "uploading", "finished"))
         sig = signal.SIGINT if rng.random() < 0.25 else signal.SIGKILL
+        since = time.time()
+        proc = h.spawn("migrate", "--bwlimit", "128K", "--concurrency", "3", "--no-progress")
+        reached = _wait_for_point(h, proc, point, since, hang_guard)
         proc.send_signal(sig)
         try:
-            proc.communicate(timeout=60)
+            _, err = proc.communicate(timeout=hang_guard)
         except Exception:
             proc.kill()
             raise
         kills += 1
+        if sig == signal.SIGINT and reached:
+            # Before its handler is installed (interpreter start-up) a SIGINT kills Python outright.
+            allowed = (130, -signal.SIGINT) if point == "start" else (130,)
+            assert proc.returncode in allowed, f"exit {proc.returncode} after SIGINT at {point}\n{err[-3000:]}"
         done = sum(1 for row in state_rows(h) if row[8] == "uploaded")
-        mid_run += done < len(files)
-        print(f"kill {kills}: {sig.name} after {pause:.2f}s, {done}/{len(files)} uploaded")
+        mid_run += reached and done < len(files)
+        print(f"kill {kills}: {sig.name} at {point}, {done}/{len(files)} uploaded")
         # Whatever the moment, no local file is ever lost.
         assert all(local_path(media_roots, n).exists() for n in files)
     assert kills == 20
@@ -313,6 +333,32 @@ def test_kill_at_random_points_always_resumes_to_the_exact_library(db_harness: H
     for name, data in files.items():
         provider, _etag, size, sha, local_copy = ptr[name]
         assert (provider, size, sha, local_copy) == ("azure_blob", len(data), hashlib.sha256(data).hexdigest(), 1)
+
+
+def _wait_for_point(h: Harness, proc, point: str, since: float, guard: float) -> bool:
+    """Wait until this run (rows it wrote after `since`) is at `point`; False if it exited first.
+
+    Only this run's writes count: a row a killed run left `uploading` says nothing about the next."""
+    deadline = time.monotonic() + guard
+    wanted = {"uploading": "uploading", "finished": "uploaded"}.get(point)
+    while wanted is not None:
+        rows = state_rows_or_none(h) or []
+        # row[8] is the state, row[-1] updated_at (the agent's time.time()).
+        if any(row[8] == wanted and row[-1] >= since for row in rows):
+            return True
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, f"the run never reached {point!r} in {guard} s"
+        time.sleep(0.01)
+    return True
+
+
+def state_rows_or_none(h: Harness) -> list[tuple] | None:
+    """state_rows, or None while the agent holds the database in a way a reader cannot open yet."""
+    try:
+        return state_rows(h)
+    except sqlite3.OperationalError:
+        return None
 
 
 # ---- progress ----------------------------------------------------------------------------------
