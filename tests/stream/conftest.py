@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings
 
+from tests.support.apache import ApacheFront, basic_auth, grant_read
 from tests.support.azurite import Azurite
 from tests.support.media import make_media_roots, make_thumbnail, pseudo_random_bytes
 
-from .support import Nginx, ServerProcess, front_snippet, write_config
+from .support import FRONT, Address, Nginx, ServerProcess, front_snippet, write_config
 
 # Odd sizes, so reads cross the server's chunk boundaries at unaligned offsets.
 MATRIX_SIZE = 3 * 1024 * 1024 + 4321
@@ -168,3 +169,30 @@ def nginx(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> It
     n = nginx_in_front(tmp_path_factory.mktemp("nginx"), server.unix.path)
     yield n
     n.stop()
+
+
+def apache_in_front(workdir: Path, upstream: Address, roots: dict[str, Path]) -> ApacheFront:
+    """A GigHive-like Apache (tests/support/apache.py) with the shipped snippet included, proxying
+    to `upstream` (TCP, as GigHive's container reaches the host) and serving local media itself."""
+    snippet = (FRONT / "apache-proxy.conf").read_text()
+    snippet = snippet.replace("host.docker.internal:8787", f"{upstream.host}:{upstream.port}")
+    grant_read(roots["audio"], roots["video"])
+    return ApacheFront(workdir, {"audio": roots["audio"], "video": roots["video"]}, site_extra=snippet)
+
+
+def apache_address(front: ApacheFront, auth: bool = True) -> Address:
+    """The front as the matrix reaches it: HTTPS, with Basic Auth unless told otherwise."""
+    return Address(
+        "https",
+        port=front.port,
+        ca=str(front.tls.ca),
+        headers=(("Authorization", basic_auth()),) if auth else (),
+        media_cache_control="public, max-age=604800, immutable",
+    )
+
+
+@pytest.fixture(scope="module")
+def apache(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess, library: MediaLibrary) -> Iterator[ApacheFront]:
+    front = apache_in_front(tmp_path_factory.mktemp("apache"), server.tcp, library.roots)
+    yield front
+    front.stop()
