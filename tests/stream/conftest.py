@@ -192,7 +192,9 @@ def apache_address(front: ApacheFront, auth: bool = True) -> Address:
 
 
 @pytest.fixture(scope="module")
-def apache(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess, library: MediaLibrary) -> Iterator[ApacheFront]:
+def apache(
+    tmp_path_factory: pytest.TempPathFactory, server: ServerProcess, library: MediaLibrary
+) -> Iterator[ApacheFront]:
     front = apache_in_front(tmp_path_factory.mktemp("apache"), server.tcp, library.roots)
     yield front
     front.stop()
