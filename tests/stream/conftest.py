@@ -3,6 +3,7 @@ or both; config files; the server as a process; nginx in front of it."""
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
 import uuid
@@ -173,11 +174,26 @@ def nginx(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> It
 
 def apache_in_front(workdir: Path, upstream: Address, roots: dict[str, Path]) -> ApacheFront:
     """A GigHive-like Apache (tests/support/apache.py) with the shipped snippet included, proxying
-    to `upstream` (TCP, as GigHive's container reaches the host) and serving local media itself."""
+    to `upstream` and serving local media itself. A unix socket gets what the socket unit gives
+    it (root:www-data, 0660 when run as root); a TCP address replaces the socket in the snippet."""
     snippet = (FRONT / "apache-proxy.conf").read_text()
-    snippet = snippet.replace("host.docker.internal:8787", f"{upstream.host}:{upstream.port}")
+    if upstream.kind == "unix":
+        snippet = snippet.replace("/run/gighive-media-agent/stream.sock", upstream.path)
+        socket_like_the_unit(Path(upstream.path))
+    else:
+        snippet = snippet.replace(
+            "unix:/run/gighive-media-agent/stream.sock|http://localhost/", f"http://{upstream.host}:{upstream.port}/"
+        )
     grant_read(roots["audio"], roots["video"])
     return ApacheFront(workdir, {"audio": roots["audio"], "video": roots["video"]}, site_extra=snippet)
+
+
+def socket_like_the_unit(path: Path) -> None:
+    """SocketUser=root, SocketGroup=www-data, SocketMode=0660 (units/gighive-media-stream.socket)."""
+    if os.geteuid() == 0:
+        os.chown(path, 0, grp.getgrnam("www-data").gr_gid)
+        path.chmod(0o660)
+        grant_read(path.parent)
 
 
 def apache_address(front: ApacheFront, auth: bool = True) -> Address:
@@ -195,6 +211,6 @@ def apache_address(front: ApacheFront, auth: bool = True) -> Address:
 def apache(
     tmp_path_factory: pytest.TempPathFactory, server: ServerProcess, library: MediaLibrary
 ) -> Iterator[ApacheFront]:
-    front = apache_in_front(tmp_path_factory.mktemp("apache"), server.tcp, library.roots)
+    front = apache_in_front(tmp_path_factory.mktemp("apache"), server.unix, library.roots)
     yield front
     front.stop()

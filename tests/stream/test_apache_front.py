@@ -41,7 +41,7 @@ SAME_EVERYWHERE = (
 @pytest.fixture
 def front(start_server, fresh_library: MediaLibrary, tmp_path: Path) -> Iterator[tuple[ServerProcess, ApacheFront]]:
     srv = start_server(fresh_library)
-    apache = apache_in_front(tmp_path / "apache", srv.tcp, fresh_library.roots)
+    apache = apache_in_front(tmp_path / "apache", srv.unix, fresh_library.roots)
     yield srv, apache
     apache.stop()
 
@@ -261,9 +261,15 @@ def test_an_outage_is_502_or_503_with_retry_after_and_not_cached(
         ),
         STREAM_UPSTREAM_RETRIES="0",
     )
-    apache = apache_in_front(tmp_path / "apache", srv.tcp, fresh_library.roots)
-    # And a front whose stream server cannot be reached at all (Apache's own 503).
-    apache_down = apache_in_front(tmp_path / "apache-down", Address("tcp", port=port), fresh_library.roots)
+    apache = apache_in_front(tmp_path / "apache", srv.unix, fresh_library.roots)
+    # And a front whose stream server cannot be reached at all (Apache's own 503): a socket file
+    # nobody listens on.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "stale.sock"))
+    stale.close()
+    apache_down = apache_in_front(
+        tmp_path / "apache-down", Address("unix", path=str(tmp_path / "stale.sock")), fresh_library.roots
+    )
     try:
         url = "/video/" + "b" * 64 + ".mp4"
         for front_, statuses in ((apache, (502, 504)), (apache_down, (502, 503))):
