@@ -155,9 +155,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, library: MediaLibrary) -> I
     s.stop()
 
 
-def nginx_in_front(workdir: Path, socket_path: str, roots: dict[str, Path] | None = None) -> Nginx:
-    """nginx with the shipped upstream, locations and (optionally) X-Accel internal snippets."""
-    server_block = front_snippet("nginx-locations.conf")
+def nginx_in_front(
+    workdir: Path, socket_path: str, roots: dict[str, Path] | None = None, local_first: dict[str, Path] | None = None
+) -> Nginx:
+    """nginx with the shipped upstream and locations snippets, and (optionally) the X-Accel internal
+    locations for `roots`. With `local_first` the locations' aliases point at those media roots,
+    so nginx sends files on disk itself; without, they point nowhere and the server answers all."""
+    server_block = front_snippet("nginx-locations.conf", roots=local_first)
     if roots is not None:
         server_block += front_snippet("nginx-internal.conf", roots=roots)
     # A site-wide regex location like GigHive's would have must not capture media URLs.
@@ -166,8 +170,8 @@ def nginx_in_front(workdir: Path, socket_path: str, roots: dict[str, Path] | Non
 
 
 @pytest.fixture(scope="module")
-def nginx(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> Iterator[Nginx]:
-    n = nginx_in_front(tmp_path_factory.mktemp("nginx"), server.unix.path)
+def nginx(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess, library: MediaLibrary) -> Iterator[Nginx]:
+    n = nginx_in_front(tmp_path_factory.mktemp("nginx"), server.unix.path, local_first=library.roots)
     yield n
     n.stop()
 
@@ -204,6 +208,7 @@ def apache_address(front: ApacheFront, auth: bool = True) -> Address:
         ca=str(front.tls.ca),
         headers=(("Authorization", basic_auth()),) if auth else (),
         media_cache_control="public, max-age=604800, immutable",
+        local_first="apache",
     )
 
 

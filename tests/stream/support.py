@@ -63,6 +63,9 @@ class Address:
     headers: tuple[tuple[str, str], ...] = ()
     # What a content-addressed file's 200/206/304 carries here (the Apache front forces GigHive's).
     media_cache_control: str = "private, max-age=31536000, immutable"
+    # "apache" / "nginx" when this is a front that sends content-addressed files on disk itself
+    # (local first): edge cases (bad Range syntax, overlaps, 416 details) are then its own.
+    local_first: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Address:

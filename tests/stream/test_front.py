@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import _proc
+from tests.support.media import pseudo_random_bytes
 
 from .conftest import MediaLibrary, nginx_in_front
 from .support import FRONT, SERVE_ARGV, Nginx, ServerProcess, parse_multipart, request, wait_for, write_config
@@ -134,3 +135,39 @@ ErrorLog {tmp_path}/error.log
     )
     r = subprocess.run(["apache2", "-t", "-f", str(conf)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_nginx_sends_files_on_disk_itself_with_the_same_validators_as_blob(
+    start_server, fresh_library: MediaLibrary, tmp_path: Path
+) -> None:
+    srv = start_server(fresh_library)
+    front = nginx_in_front(tmp_path / "nginx", srv.unix.path, local_first=fresh_library.roots)
+    try:
+        item = fresh_library.add("both", pseudo_random_bytes(400_003, seed=3), local=True, blob=True)
+        assert item.local is not None
+        on_disk = request(front.addr, item.url)
+        assert on_disk.status == 200 and on_disk.body == item.data
+        assert item.sha256 not in srv.log_text()  # nginx sent it; the server never saw it
+        etag, date = on_disk.header("etag"), on_disk.header("last-modified")
+        assert etag == f'"{item.sha256}"'
+
+        def seeks() -> set[int]:
+            statuses = set()
+            for validator in (etag, date):
+                r = request(front.addr, item.url, {"Range": "bytes=0-1", "If-Range": validator or ""})
+                assert r.body == item.data[:2]
+                statuses.add(r.status)
+            return statuses
+
+        assert seeks() == {206}
+        # A conditional request goes to the server, which judges the same validators.
+        assert request(front.addr, item.url, {"If-None-Match": etag or ""}).status == 304
+        wait_for(lambda: item.sha256 in srv.log_text(), what="the server to answer the conditional request")
+        item.local.unlink()  # evicted: now the server answers from Blob
+        from_blob = request(front.addr, item.url)
+        assert from_blob.body == item.data
+        for name in ("etag", "last-modified", "content-type", "cache-control", "content-length", "accept-ranges"):
+            assert from_blob.header(name) == on_disk.header(name), name
+        assert seeks() == {206}
+    finally:
+        front.stop()
