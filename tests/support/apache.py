@@ -142,7 +142,6 @@ CacheRoot {self.cache_root}
 CacheEnable disk /
 CacheDirLevels 2
 CacheDirLength 1
-CacheMaxFileSize 100000000
 
 <VirtualHost 127.0.0.1:{self.port}>
     ServerName 127.0.0.1
