@@ -540,7 +540,8 @@ def local_first(args: argparse.Namespace) -> int:
             for t in order:
                 print(f"round {rnd + 1}/{args.rounds}: {t.name} ...", flush=True)
                 try:
-                    seq[t.name].append(sequential(t, args.size)["mb_per_s"])
+                    # Best of two: on a shared machine another process's burst can halve one GET.
+                    seq[t.name].append(max(sequential(t, args.size)["mb_per_s"] for _ in range(2)))
                 except Exception as e:  # noqa: BLE001 - reported, the other setups go on
                     print(f"  sequential failed: {e}", flush=True)
                     seq[t.name].append(None)
@@ -590,7 +591,8 @@ def local_first_markdown(results: dict) -> str:
         "# Local-first serving: the front sends files on disk itself",
         "",
         f"{results['date']}, {results['machine']}. One {results['size_mib']:.0f} MiB file on local disk; "
-        f"{results['rounds']} interleaved rounds; per round one sequential GET and {results['range_requests']} "
+        f"{results['rounds']} interleaved rounds; per round the best of two sequential GETs and "
+        f"{results['range_requests']} "
         f"random {RANGE_SIZE // 1024} KiB ranges on one keep-alive connection. Apache: HTTPS with Basic Auth, "
         "as GigHive runs it; nginx: plain HTTP. Ratios are paired per round against the same front serving "
         "the file alone (median, min-max).",

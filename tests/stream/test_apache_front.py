@@ -106,11 +106,14 @@ def test_a_file_on_disk_is_sent_by_apache_and_one_in_blob_by_the_server(front, f
         assert request(addr, item.url, {"Range": "bytes=7-9"}).body == item.data[7:10]
     wait_for(lambda: len(handlers(apache, blob.url)) == 2, what="the access log")
     assert set(handlers(apache, blob.url)) == {"proxy-server"}
-    assert "proxy-server" not in handlers(apache, local.url)
-    assert local.sha256 not in srv.log_text()  # the stream server never saw the local file
     # Conditional requests go to the server even for a file on disk (it judges the validators).
     assert request(addr, local.url, {"If-None-Match": f'"{local.sha256}"'}).status == 304
-    wait_for(lambda: "proxy-server" in handlers(apache, local.url), what="the access log")
+    wait_for(lambda: len(handlers(apache, local.url)) == 3, what="the access log")
+    assert handlers(apache, local.url)[2] == "proxy-server"
+    assert "proxy-server" not in handlers(apache, local.url)[:2]
+    # The stream server saw that one request for the local file, not the two before it.
+    wait_for(lambda: f"{local.sha256}.mp4 -> 304" in srv.log_text(), what="the server's log")
+    assert srv.log_text().count(f"video/{local.sha256}.mp4 ->") == 1
 
 
 def test_validators_and_if_range_survive_an_eviction(front, fresh_library: MediaLibrary) -> None:

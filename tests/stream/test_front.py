@@ -171,3 +171,12 @@ def test_nginx_sends_files_on_disk_itself_with_the_same_validators_as_blob(
         assert seeks() == {206}
     finally:
         front.stop()
+
+
+def test_the_role_renders_the_same_apache_snippet() -> None:
+    """What the Ansible role installs for GigHive's Apache is the snippet tested here."""
+    template = FRONT.parents[2] / "ansible/roles/media_storage_azure_blob/templates/apache-media-proxy.conf.j2"
+    header, _, body = template.read_text().partition("\n")
+    assert header == "# {{ ansible_managed }}"
+    assert "{{" not in body and "{%" not in body
+    assert body == (FRONT / "apache-proxy.conf").read_text()
