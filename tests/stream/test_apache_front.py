@@ -325,3 +325,15 @@ def test_nothing_media_related_lands_in_the_disk_cache(front, fresh_library: Med
     )
     # ... and holds nothing from /video or /audio.
     assert_no_media_cached(apache)
+
+
+def test_a_symlink_on_disk_is_not_followed(front, fresh_library: MediaLibrary, tmp_path: Path) -> None:
+    """The server never follows a symlink inside a media root; local first must not either."""
+    _srv, apache = front
+    secret = tmp_path / "outside.mp4"
+    secret.write_bytes(b"not media, outside the roots")
+    secret.chmod(0o644)
+    link = fresh_library.roots["video"] / ("a" * 64 + ".mp4")
+    link.symlink_to(secret)
+    r = request(apache_address(apache), f"/video/{link.name}")
+    assert r.status == 404 and b"not media" not in r.body

@@ -180,3 +180,17 @@ def test_the_role_renders_the_same_apache_snippet() -> None:
     assert header == "# {{ ansible_managed }}"
     assert "{{" not in body and "{%" not in body
     assert body == (FRONT / "apache-proxy.conf").read_text()
+
+
+def test_nginx_local_first_does_not_follow_a_symlink(start_server, fresh_library: MediaLibrary, tmp_path: Path) -> None:
+    srv = start_server(fresh_library)
+    front = nginx_in_front(tmp_path / "nginx", srv.unix.path, local_first=fresh_library.roots)
+    try:
+        secret = tmp_path / "outside.mp4"
+        secret.write_bytes(b"not media, outside the roots")
+        link = fresh_library.roots["video"] / ("a" * 64 + ".mp4")
+        link.symlink_to(secret)
+        r = request(front.addr, f"/video/{link.name}")
+        assert r.status == 404 and b"not media" not in r.body
+    finally:
+        front.stop()
