@@ -29,6 +29,7 @@ import random
 import re
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -158,12 +159,24 @@ def snippet(name: str, sock: Path | None = None, roots: Path | None = None) -> s
 
 
 class Target:
-    def __init__(self, name: str, base_url: str, path: str, query: str = ""):
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        path: str,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+        ca: Path | None = None,
+    ):
         u = urlsplit(base_url)
         self.name, self.host, self.port = name, u.hostname or "127.0.0.1", u.port or 80
         self.path = (u.path.rstrip("/") + path) + (f"?{query}" if query else "")
+        self.headers = headers or {}
+        self.context = ssl.create_default_context(cafile=str(ca)) if u.scheme == "https" else None
 
     def connection(self, timeout: float = 120) -> http.client.HTTPConnection:
+        if self.context is not None:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.context)
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
 
@@ -171,7 +184,7 @@ def sequential(target: Target, size: int) -> dict[str, float]:
     conn = target.connection()
     buf = bytearray(MiB)
     t0 = time.perf_counter()
-    conn.request("GET", target.path)
+    conn.request("GET", target.path, headers=target.headers)
     r = conn.getresponse()
     n = r.readinto(memoryview(buf)[:1])
     ttfb = time.perf_counter() - t0
@@ -198,7 +211,8 @@ def ranges(target: Target, offsets: list[int], expected: Path) -> dict:
         for off in offsets:
             try:
                 t0 = time.perf_counter()
-                conn.request("GET", target.path, headers={"Range": f"bytes={off}-{off + RANGE_SIZE - 1}"})
+                headers = {**target.headers, "Range": f"bytes={off}-{off + RANGE_SIZE - 1}"}
+                conn.request("GET", target.path, headers=headers)
                 r = conn.getresponse()
                 first = r.read(1)
                 ttfb = time.perf_counter() - t0
@@ -432,6 +446,170 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- local first: the front sends files on disk itself ------------------------------------------
+
+LOCAL_FIRST_SETUPS = (
+    # (name, front, agent snippet included?, media visible to the front?)
+    ("apache alone", "apache", False, True),
+    ("apache+agent local-first", "apache", True, True),
+    ("apache+agent proxied", "apache", True, False),
+    ("nginx alone", "nginx", False, True),
+    ("nginx+agent local-first", "nginx", True, True),
+    ("nginx+agent proxied", "nginx", True, False),
+)
+
+
+def local_first(args: argparse.Namespace) -> int:
+    """Local reads through each front with the agent's snippet against the same front serving the
+    file alone: Apache built like GigHive's container (TLS, Basic Auth, CacheEnable disk /) and
+    nginx. "proxied" is the front without the file in its reach, so every byte goes through the
+    stream server (what the Apache snippet did before local first)."""
+    from tests.support.apache import ApacheFront, basic_auth, grant_read
+
+    work = Path(tempfile.mkdtemp(prefix="stream-bench-lf-"))
+    procs: list[subprocess.Popen] = []
+    fronts: list[ApacheFront] = []
+    try:
+        roots = work / "media"
+        for d in ("audio", "video"):
+            (roots / d).mkdir(parents=True)
+        print(f"writing {args.size / MiB:.0f} MiB ...", flush=True)
+        raw = roots / "video" / "raw.tmp"
+        sha = make_file(raw, args.size)
+        raw.rename(roots / "video" / f"{sha}.mp4")
+        expected = roots / "video" / f"{sha}.mp4"
+        hidden = work / "elsewhere"  # a docroot/alias with no media: the front must proxy
+        for d in ("audio", "video"):
+            (hidden / d).mkdir(parents=True)
+        grant_read(roots, hidden)
+        env_file = work / "agent.env"
+        env_file.write_text(
+            f"MEDIA_STORAGE_BACKEND=local\nMEDIA_ROOTS=audio={roots / 'audio'},video={roots / 'video'}\n"
+            f"STATE_DIRECTORY={work / 'state'}\nLOG_LEVEL=info\n"
+        )
+        sock = work / "stream.sock"
+        procs.append(
+            _proc.spawn(
+                [sys.executable, "-m", "agent.stream", "--config", str(env_file), "--listen", f"unix:{sock}"],
+                work / "server.log",
+            )
+        )
+        wait_path(sock)
+        if os.geteuid() == 0:  # what the socket unit does: root:www-data 0660
+            import grp
+
+            os.chown(sock, 0, grp.getgrnam("www-data").gr_gid)
+            sock.chmod(0o660)
+            grant_read(work)
+        targets: list[Target] = []
+        for name, front, agent, visible in LOCAL_FIRST_SETUPS:
+            media = roots if visible else hidden
+            if front == "apache":
+                extra = snippet("apache-proxy.conf", sock) if agent else ""
+                ap_front = ApacheFront(
+                    work / name.replace(" ", "-").replace("+", "-"),
+                    {"audio": media / "audio", "video": media / "video"},
+                    site_extra=extra,
+                )
+                fronts.append(ap_front)
+                targets.append(
+                    Target(
+                        name,
+                        f"https://127.0.0.1:{ap_front.port}",
+                        f"/video/{sha}.mp4",
+                        headers={"Authorization": basic_auth()},
+                        ca=ap_front.tls.ca,
+                    )
+                )
+            else:
+                if agent:
+                    block = snippet("nginx-locations.conf", roots=media)
+                    http_extra = snippet("nginx-upstream.conf", sock)
+                else:
+                    block, http_extra = f"location /video/ {{ root {media}; }}", ""
+                p, port = start_nginx(work, name.replace(" ", "-").replace("+", "-"), block, http_extra)
+                procs.append(p)
+                targets.append(Target(name, f"http://127.0.0.1:{port}", f"/video/{sha}.mp4"))
+        rng = random.Random(7)
+        seq: dict[str, list[float | None]] = {t.name: [] for t in targets}
+        range_runs: dict[str, list[dict]] = {t.name: [] for t in targets}
+        for rnd in range(args.rounds):
+            order = targets[:]
+            random.Random(rnd).shuffle(order)  # interleaved, so drift hits every setup alike
+            offsets = [rng.randrange(0, args.size - RANGE_SIZE) for _ in range(args.ranges)]
+            for t in order:
+                print(f"round {rnd + 1}/{args.rounds}: {t.name} ...", flush=True)
+                try:
+                    # Best of two: on a shared machine another process's burst can halve one GET.
+                    seq[t.name].append(max(sequential(t, args.size)["mb_per_s"] for _ in range(2)))
+                except Exception as e:  # noqa: BLE001 - reported, the other setups go on
+                    print(f"  sequential failed: {e}", flush=True)
+                    seq[t.name].append(None)
+                range_runs[t.name].append(ranges(t, offsets, expected))
+        setups: dict[str, dict] = {}
+        for name, front, _agent, _visible in LOCAL_FIRST_SETUPS:
+            base = f"{front} alone"
+            vals = [v for v in seq[name] if v]
+            setups[name] = {
+                "sequential_mb_per_s": statistics.median(vals) if vals else 0.0,
+                "sequential_rounds": seq[name],
+                "ranges": pooled_ranges(range_runs[name]),
+                "paired_vs_alone": {
+                    "sequential": paired(seq[name], seq[base]),
+                    "range_p50": paired(
+                        [statistics.median(r["ttfbs"]) if r["ttfbs"] else None for r in range_runs[name]],
+                        [statistics.median(r["ttfbs"]) if r["ttfbs"] else None for r in range_runs[base]],
+                    ),
+                },
+            }
+        results = {
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "size_mib": args.size / MiB,
+            "range_requests": args.ranges,
+            "rounds": args.rounds,
+            "setups": setups,
+        }
+        out = REPO / "bench" / "results" / "stream_local_first"
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        out.with_suffix(".md").write_text(local_first_markdown(results))
+        print(local_first_markdown(results))
+        return 0
+    finally:
+        for f in fronts:
+            f.stop()
+        for p in reversed(procs):
+            _proc.terminate(p, timeout=30)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work directory kept: {work}")
+
+
+def local_first_markdown(results: dict) -> str:
+    lines = [
+        "# Local-first serving: the front sends files on disk itself",
+        "",
+        f"{results['date']}, {results['machine']}. One {results['size_mib']:.0f} MiB file on local disk; "
+        f"{results['rounds']} interleaved rounds; per round the best of two sequential GETs and "
+        f"{results['range_requests']} "
+        f"random {RANGE_SIZE // 1024} KiB ranges on one keep-alive connection. Apache: HTTPS with Basic Auth, "
+        "as GigHive runs it; nginx: plain HTTP. Ratios are paired per round against the same front serving "
+        "the file alone (median, min-max).",
+        "",
+        "| setup | sequential MB/s | x alone (seq.) | range p50 ms | range p99 ms | x alone (range p50) | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results["setups"].items():
+        pv = row["paired_vs_alone"]
+        lines.append(
+            f"| {name} | {row['sequential_mb_per_s']:.0f} | {_ratio(pv['sequential'])} | "
+            f"{row['ranges']['ttfb_p50_ms']:.2f} | {row['ranges']['ttfb_p99_ms']:.2f} | {_ratio(pv['range_p50'])} | "
+            f"{row['ranges']['errors']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=1024 * MiB)
@@ -444,7 +622,15 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "stream_results")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--local-first",
+        action="store_true",
+        help="only the local-first comparison (Apache and nginx, with and without the agent's snippet); "
+        "writes bench/results/stream_local_first.{json,md}",
+    )
     args = ap.parse_args()
+    if args.local_first:
+        return local_first(args)
 
     work = Path(tempfile.mkdtemp(prefix="stream-bench-"))
     procs: list[subprocess.Popen] = []

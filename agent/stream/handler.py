@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str]]
 
+# Last-Modified of every content-addressed file, whichever side sends it (this server from disk
+# or Blob, Apache or nginx from disk): the name is the sha256 of the bytes, so what a URL names
+# never changes, and a fixed date is true for all of them. A file's own mtime (or a blob's
+# upload time) would change when the file moves from disk to Blob or is imported again, and
+# every If-Range carrying the old date would then get a 200 instead of a 206, which iOS players
+# treat as fatal. The front configs send the same date (front/*.conf); keep them in step.
+CONTENT_ADDRESSED_LAST_MODIFIED = 946684800  # Sat, 01 Jan 2000 00:00:00 GMT
+
 
 class ClientGone(Exception):
     """The client closed the connection or stopped reading; nothing more can be sent."""
@@ -268,7 +276,7 @@ class Handler:
             # The uploader records the sha256 it verified; bytes under another hash are not this name.
             raise UpstreamError(f"stored object's sha256 {info.sha256} does not match its name")
         etag = self.representation_etag(media, obj)
-        last_modified = utc_timestamp(info.last_modified)
+        last_modified = CONTENT_ADDRESSED_LAST_MODIFIED if expected else utc_timestamp(info.last_modified)
         size = info.size
         validators: Headers = [("ETag", etag)]
         if last_modified is not None:

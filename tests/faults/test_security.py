@@ -64,7 +64,7 @@ def exchange_from(source: str, addr: Address, data: bytes) -> bytes:
 
 
 def global_address() -> str | None:
-    """An address of this machine outside loopback and the Docker range (the default allow-list)."""
+    """An address of this machine outside loopback and the Docker range (not allowed by default)."""
     text = subprocess.run(["ip", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
     for line in text.splitlines():
         fields = line.split()
@@ -134,7 +134,9 @@ def test_the_allow_list_reads_mapped_ipv4_and_scoped_ipv6_peers(tmp_path: Path) 
     config = load_config(write_env(tmp_path / "agent.env", values), environ={})
     default = load_settings(config).allowed_peers  # STREAM_ALLOWED_PEERS unset: the default
     assert peer_allowed("::ffff:127.0.0.1", default) and peer_allowed("::1", default)
-    assert peer_allowed("::ffff:172.17.0.2", default) and peer_allowed("172.31.255.1", default)
+    # Docker networks are no longer allowed by default: every container sits in them.
+    assert not peer_allowed("::ffff:172.17.0.2", default) and not peer_allowed("172.31.255.1", default)
+    assert peer_allowed("::ffff:172.17.0.2", parse_peers("172.16.0.0/12"))
     assert not peer_allowed("::ffff:192.0.2.7", default) and not peer_allowed("10.0.0.1", default)
     assert not peer_allowed("fe80::1%eth0", default) and not peer_allowed("not an address", default)
     assert peer_allowed("fe80::1%eth0", parse_peers("fe80::/10")) and peer_allowed("203.0.113.9", parse_peers("any"))

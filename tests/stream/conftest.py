@@ -3,6 +3,7 @@ or both; config files; the server as a process; nginx in front of it."""
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
 import uuid
@@ -13,10 +14,11 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings
 
+from tests.support.apache import ApacheFront, basic_auth, grant_read
 from tests.support.azurite import Azurite
 from tests.support.media import make_media_roots, make_thumbnail, pseudo_random_bytes
 
-from .support import Nginx, ServerProcess, front_snippet, write_config
+from .support import FRONT, Address, Nginx, ServerProcess, front_snippet, write_config
 
 # Odd sizes, so reads cross the server's chunk boundaries at unaligned offsets.
 MATRIX_SIZE = 3 * 1024 * 1024 + 4321
@@ -153,9 +155,13 @@ def server(tmp_path_factory: pytest.TempPathFactory, library: MediaLibrary) -> I
     s.stop()
 
 
-def nginx_in_front(workdir: Path, socket_path: str, roots: dict[str, Path] | None = None) -> Nginx:
-    """nginx with the shipped upstream, locations and (optionally) X-Accel internal snippets."""
-    server_block = front_snippet("nginx-locations.conf")
+def nginx_in_front(
+    workdir: Path, socket_path: str, roots: dict[str, Path] | None = None, local_first: dict[str, Path] | None = None
+) -> Nginx:
+    """nginx with the shipped upstream and locations snippets, and (optionally) the X-Accel internal
+    locations for `roots`. With `local_first` the locations' aliases point at those media roots,
+    so nginx sends files on disk itself; without, they point nowhere and the server answers all."""
+    server_block = front_snippet("nginx-locations.conf", roots=local_first)
     if roots is not None:
         server_block += front_snippet("nginx-internal.conf", roots=roots)
     # A site-wide regex location like GigHive's would have must not capture media URLs.
@@ -164,7 +170,52 @@ def nginx_in_front(workdir: Path, socket_path: str, roots: dict[str, Path] | Non
 
 
 @pytest.fixture(scope="module")
-def nginx(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess) -> Iterator[Nginx]:
-    n = nginx_in_front(tmp_path_factory.mktemp("nginx"), server.unix.path)
+def nginx(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess, library: MediaLibrary) -> Iterator[Nginx]:
+    n = nginx_in_front(tmp_path_factory.mktemp("nginx"), server.unix.path, local_first=library.roots)
     yield n
     n.stop()
+
+
+def apache_in_front(workdir: Path, upstream: Address, roots: dict[str, Path]) -> ApacheFront:
+    """A GigHive-like Apache (tests/support/apache.py) with the shipped snippet included, proxying
+    to `upstream` and serving local media itself. A unix socket gets what the socket unit gives
+    it (root:www-data, 0660 when run as root); a TCP address replaces the socket in the snippet."""
+    snippet = (FRONT / "apache-proxy.conf").read_text()
+    if upstream.kind == "unix":
+        snippet = snippet.replace("/run/gighive-media-agent/stream.sock", upstream.path)
+        socket_like_the_unit(Path(upstream.path))
+    else:
+        snippet = snippet.replace(
+            "unix:/run/gighive-media-agent/stream.sock|http://localhost/", f"http://{upstream.host}:{upstream.port}/"
+        )
+    grant_read(roots["audio"], roots["video"])
+    return ApacheFront(workdir, {"audio": roots["audio"], "video": roots["video"]}, site_extra=snippet)
+
+
+def socket_like_the_unit(path: Path) -> None:
+    """SocketUser=root, SocketGroup=www-data, SocketMode=0660 (units/gighive-media-stream.socket)."""
+    if os.geteuid() == 0:
+        os.chown(path, 0, grp.getgrnam("www-data").gr_gid)
+        path.chmod(0o660)
+        grant_read(path.parent)
+
+
+def apache_address(front: ApacheFront, auth: bool = True) -> Address:
+    """The front as the matrix reaches it: HTTPS, with Basic Auth unless told otherwise."""
+    return Address(
+        "https",
+        port=front.port,
+        ca=str(front.tls.ca),
+        headers=(("Authorization", basic_auth()),) if auth else (),
+        media_cache_control="public, max-age=604800, immutable",
+        local_first="apache",
+    )
+
+
+@pytest.fixture(scope="module")
+def apache(
+    tmp_path_factory: pytest.TempPathFactory, server: ServerProcess, library: MediaLibrary
+) -> Iterator[ApacheFront]:
+    front = apache_in_front(tmp_path_factory.mktemp("apache"), server.unix, library.roots)
+    yield front
+    front.stop()

@@ -11,6 +11,7 @@ import re
 import select
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -51,12 +52,20 @@ def write_config(path: Path, values: dict[str, str]) -> Path:
 
 @dataclass(frozen=True)
 class Address:
-    """Where a server listens: ("tcp", host, port) or ("unix", path)."""
+    """Where a server listens: ("tcp", host, port), ("unix", path) or ("https", host, port) with the
+    CA to trust. `headers` go with every request() (the Apache front's Basic Auth)."""
 
     kind: str
     host: str = "127.0.0.1"
     port: int = 0
     path: str = ""
+    ca: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    # What a content-addressed file's 200/206/304 carries here (the Apache front forces GigHive's).
+    media_cache_control: str = "private, max-age=31536000, immutable"
+    # "apache" / "nginx" when this is a front that sends content-addressed files on disk itself
+    # (local first): edge cases (bad Range syntax, overlaps, 416 details) are then its own.
+    local_first: str = ""
 
     @classmethod
     def parse(cls, text: str) -> Address:
@@ -71,10 +80,18 @@ class Address:
             s.settimeout(timeout)
             s.connect(self.path)
             return s
-        return socket.create_connection((self.host, self.port), timeout=timeout)
+        s = socket.create_connection((self.host, self.port), timeout=timeout)
+        if self.kind == "https":
+            return self.ssl_context().wrap_socket(s, server_hostname=self.host)
+        return s
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca)
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"{self.host}:{self.port}"
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"{'https://' if self.kind == 'https' else ''}{self.host}:{self.port}"
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -91,6 +108,8 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 def connection(addr: Address, timeout: float = 30.0) -> http.client.HTTPConnection:
     if addr.kind == "unix":
         return _UnixHTTPConnection(addr.path, timeout)
+    if addr.kind == "https":
+        return http.client.HTTPSConnection(addr.host, addr.port, timeout=timeout, context=addr.ssl_context())
     return http.client.HTTPConnection(addr.host, addr.port, timeout=timeout)
 
 
@@ -110,7 +129,7 @@ def request(
 ) -> Response:
     conn = connection(addr, timeout)
     try:
-        conn.request(method, path, headers=headers or {})
+        conn.request(method, path, headers={**dict(addr.headers), **(headers or {})})
         r = conn.getresponse()
         body = r.read()
         items = r.getheaders()
