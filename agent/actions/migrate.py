@@ -67,7 +67,10 @@ def effective_config(config: Config, opts: Options) -> Config:
     if opts.bwlimit is not None:
         changes["bandwidth_limit"] = opts.bwlimit
     if opts.evict_local:
-        changes["delete_local"] = True
+        # The operator asks for the local copies to go now: the policy's age and disk threshold
+        # are for automatic eviction. GigHive's own work on a file still keeps it (and the
+        # safety rule always applies).
+        changes.update(delete_local=True, evict_min_age_days=0.0, evict_above_disk_percent=0.0)
     return dataclasses.replace(config, **changes) if changes else config
 
 
