@@ -45,7 +45,9 @@ def ansible_host() -> None:
     if os.geteuid() != 0:
         if shutil.which("ansible-playbook") and (ANSIBLE_VENVS / "lint" / ".stamp").exists():
             return
-        pytest.skip("installing ansible-core and the ansible venvs needs root (.ci/setup-ansible); run it as root or in CI")
+        pytest.skip(
+            "installing ansible-core and the ansible venvs needs root (.ci/setup-ansible); run it as root or in CI"
+        )
     r = subprocess.run(["bash", str(REPO / ".ci" / "setup-ansible")], capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         pytest.fail(f".ci/setup-ansible failed ({r.returncode}):\n{r.stdout}\n{r.stderr}", pytrace=False)
