@@ -34,7 +34,10 @@ ANSIBLE_VENVS = CACHE / "ansible-venvs"
 def venv_env(name: str) -> dict[str, str]:
     """An environment whose PATH starts with the bin/ of the venv built from locks/<name>.lock."""
     bin_dir = ANSIBLE_VENVS / name / "bin"
-    assert (ANSIBLE_VENVS / name / ".stamp").exists(), f"{bin_dir} missing; .ci/setup-ansible builds it"
+    if not (ANSIBLE_VENVS / name / ".stamp").exists():
+        lock = REPO / "tests" / "ansible" / "locks" / f"{name}.lock"
+        python = lock.read_text().splitlines()[0].removeprefix("# ")
+        pytest.skip(f"{bin_dir} is missing: .ci/setup-ansible builds it when this machine has the lock's {python}")
     return {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(ANSIBLE_DIR.parent), "LANG": "C.UTF-8"}
 
 

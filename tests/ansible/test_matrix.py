@@ -2,8 +2,9 @@
 
 test_role.py applies the role with Debian 12's ansible-core 2.14, connection: local inside the
 container. Here the control node is this host: ansible-playbook from a virtualenv built from a
-hashed lock (tests/ansible/locks/core-<release>.lock: 2.16 as on Ubuntu 24.04, and the newest
-release that runs on Debian 12's Python, whose templating and conditionals changed in 2.19) reaches
+hashed lock (tests/ansible/locks/core-<release>.lock: 2.16 as on Ubuntu 24.04; 2.19, the newest
+on Debian 12's Python 3.11, whose templating and conditionals changed; 2.21, the newest, on
+Python 3.12) reaches
 a booted Debian 12 container over SSH, as an operator's laptop reaches a GigHive host. The .deb is
 copied from the control node by the role. Each lane converges, then converges again with changed=0.
 
@@ -28,7 +29,7 @@ from tests.system.nspawn import Container, wait_for
 
 pytestmark = pytest.mark.system
 
-LANES = ("core-2.16", "core-2.19")
+LANES = ("core-2.16", "core-2.19", "core-2.21")
 SSH_DEBS = CACHE / "ssh-debs"
 UNITS = ("gighive-media-upload.path", "gighive-media-retry.timer", "gighive-media-stream.socket")
 RECAP = re.compile(r"target\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")

@@ -1,8 +1,12 @@
-"""The media_storage_azure_blob role, applied for real with ansible-playbook (connection: local)
-inside a booted Debian 12 container, against the session's Azurite on the shared 127.0.0.1.
+"""The media_storage_azure_blob role, applied for real with ansible-playbook (Debian 12's
+ansible-core 2.14, connection: local) inside a booted Debian 12 container, against the session's
+Azurite on the shared 127.0.0.1. (test_matrix.py drives newer releases over SSH.)
 
-One container for the module: the tests run in order (install, idempotence, back to local,
-bad variables), as an operator would apply the role over time.
+One container for the module: the tests run in order, as an operator would apply the role over
+time: install, idempotence, an upload through the units, turning local deletion on and changing
+a credential (each must reach the running services by the end of the play), the way back to
+local (refused while a file exists only in Blob, then allowed after `migrate --to-local`), bad
+variables.
 
 Docker is not in the container. For the volume:<name> media root, /usr/local/bin/docker is a tiny
 stand-in script that answers only `docker volume inspect NAME` with the JSON the real CLI prints
