@@ -164,6 +164,9 @@ def build_deb(tree: Path) -> Path:
         "systemd-nspawn",
         "--quiet",
         "--register=no",
+        # As tests/system/nspawn.py: no scope through the system bus (the host may have none).
+        "--keep-unit",
+        f"--machine=gighive-build-{os.getpid()}",
         f"--directory={tree}",
         f"--bind={out}:/build",
         "--setenv=PIP_CERT=/build/host-ca.crt",
@@ -194,8 +197,15 @@ def main(argv: list[str]) -> int:
         return 2
     subprocess.run(["bash", str(REPO / ".ci" / "setup-system")], check=True, stdout=subprocess.DEVNULL)
     tarball = rootfs(mirror)
-    deb = build_deb(build_tree(mirror))
-    env = {**os.environ, "GIGHIVE_DEB": str(deb), "GIGHIVE_ROOTFS": str(tarball)}
+    tree = build_tree(mirror)
+    deb = build_deb(tree)
+    python = subprocess.run(
+        ["chroot", str(tree), "python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    env = {**os.environ, "GIGHIVE_DEB": str(deb), "GIGHIVE_ROOTFS": str(tarball), "GIGHIVE_DEB_PYTHON": python}
     return subprocess.run([sys.executable, "-m", "pytest", "tests/system", *argv], cwd=REPO, env=env).returncode
 
 
