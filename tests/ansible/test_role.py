@@ -288,6 +288,55 @@ def test_credential_change_restarts_the_services_that_read_it(host, azure_vars, 
     assert {u: invocation(host, u) for u in before} == settled
 
 
+# Until the agent has `migrate --to-local --check`, this stand-in answers it with what the test
+# wrote; every other command (and --check when no answer is set) goes to the real agent.
+CHECK_WRAPPER = """#!/bin/sh
+case " $* " in
+*" --check "*)
+    if [ -r /etc/gighive-test/answer.json ]; then
+        cat /etc/gighive-test/answer.json
+        exit "$(cat /etc/gighive-test/answer.rc)"
+    fi ;;
+esac
+exec /usr/bin/gighive-media.real "$@"
+"""
+
+
+@pytest.mark.parametrize(
+    ("rc", "answer", "expected"),
+    [
+        (
+            1,
+            {"safe": False, "reasons": ["audio/a.mp3 exists only in Blob", "the state lists 1 evicted file"]},
+            ["not safe yet: audio/a.mp3 exists only in Blob; the state lists 1 evicted file."],
+        ),
+        (69, {"safe": None, "reasons": []}, ["cannot reach Azure Blob or MySQL (exit 69)"]),
+    ],
+    ids=["not-safe", "unreachable"],
+)
+def test_backend_local_follows_the_agents_check(host, azure_vars, rc, answer, expected):
+    """The role's side of `migrate --to-local --check`: exit 1 fails the play with the agent's
+    reasons, 69 fails it as "cannot tell"; either way after the path unit and the timer are
+    stopped, and with the stream server still serving."""
+    host.run(["mv", "/usr/bin/gighive-media", "/usr/bin/gighive-media.real"])
+    try:
+        host.write("/usr/bin/gighive-media", CHECK_WRAPPER, mode=0o755)
+        host.write("/etc/gighive-test/answer.json", json.dumps(answer))
+        host.write("/etc/gighive-test/answer.rc", str(rc))
+        rc_play, out, _recap = playbook(host, {**azure_vars, "media_storage_backend": "local"})
+    finally:
+        host.run(["rm", "-rf", "/etc/gighive-test"])
+        host.run(["mv", "/usr/bin/gighive-media.real", "/usr/bin/gighive-media"])
+    assert rc_play != 0, out
+    for text in expected:
+        assert text in " ".join(out.split()), out
+    assert "sudo -u gighive-media gighive-media migrate --to-local" in out, out
+    states = unit_states(host)
+    assert states["gighive-media-upload.path"] == ("disabled", "inactive"), states
+    assert states["gighive-media-retry.timer"] == ("disabled", "inactive"), states
+    assert states["gighive-media-stream.socket"] == ("enabled", "active"), states
+
+
 def test_backend_local_is_refused_while_files_exist_only_in_blob(host, azure_vars):
     rc, out, _recap = playbook(host, {**azure_vars, "media_storage_backend": "local"})
     assert rc != 0, out
