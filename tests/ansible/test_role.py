@@ -198,8 +198,16 @@ AGENT_RUN = [
     "/usr/bin/gighive-media",
 ]
 # Keeps the upload run that the play starts, and the stream server, alive while the test looks at
-# them (by default they exit after 60 s and 300 s idle).
-LONG_RUN = {"media_agent_extra_env": {"UPLOAD_IDLE_EXIT_SECONDS": "3600", "STREAM_IDLE_EXIT_SECONDS": "3600"}}
+# them (by default they exit after 60 s and 300 s idle). EVICT_MIN_AGE_DAYS=0: the eviction
+# policy would otherwise keep the test's new file local for days (an agent without the policy
+# ignores the variable).
+LONG_RUN = {
+    "media_agent_extra_env": {
+        "UPLOAD_IDLE_EXIT_SECONDS": "3600",
+        "STREAM_IDLE_EXIT_SECONDS": "3600",
+        "EVICT_MIN_AGE_DAYS": "0",
+    }
+}
 AUDIO_ROOT = "/srv/gighive/audio"
 AUDIO_BYTES = b"ID3 gighive role test audio " + uuid.uuid4().bytes
 AUDIO_NAME = hashlib.sha256(AUDIO_BYTES).hexdigest() + ".mp3"

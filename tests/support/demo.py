@@ -203,7 +203,12 @@ def main() -> int:
             seen = show_request(port, url_path, new_bytes, server_log, 0)
 
             print("\n== 4. DELETE_LOCAL_AFTER_UPLOAD=true: the next run evicts; Blob answers the same request ==")
-            write_config(config, [*settings, "DELETE_LOCAL_AFTER_UPLOAD=true"])
+            # The eviction policy keeps files local for EVICT_MIN_AGE_DAYS (7) and while GigHive works on
+            # them; the demo's files are minutes old and its database has no GigHive job rows to wait for.
+            write_config(
+                config,
+                [*settings, "DELETE_LOCAL_AFTER_UPLOAD=true", "EVICT_MIN_AGE_DAYS=0", "EVICT_WAIT_FOR_GIGHIVE=false"],
+            )
             run(["upload"], config)
             print(f"local copy still on disk: {new_file.exists()}")
             show_request(port, url_path, new_bytes, server_log, seen)
