@@ -6,7 +6,8 @@ hashed lock (tests/ansible/locks/core-<release>.lock: 2.16 as on Ubuntu 24.04; 2
 on Debian 12's Python 3.11, whose templating and conditionals changed; 2.21, the newest, on
 Python 3.12) reaches
 a booted Debian 12 container over SSH, as an operator's laptop reaches a GigHive host. The .deb is
-copied from the control node by the role. Each lane converges, then converges again with changed=0.
+copied from the control node by the role. Each lane converges, then converges again with changed=0,
+then goes back to local the same way.
 
 The container shares the host's network: its sshd listens on 127.0.0.1 at a free port, and the
 agent reaches the session's Azurite on 127.0.0.1 too.
@@ -147,7 +148,9 @@ def playbook(lane: tuple, ssh_key: Path, variables: dict, workdir: Path) -> tupl
     return r.returncode, out, recap
 
 
-def test_converges_over_ssh_then_changes_nothing(lane, ssh_key, azurite, role_container_name, deb, system_tmp):
+def test_converges_over_ssh_then_changes_nothing_both_ways(
+    lane, ssh_key, azurite, role_container_name, deb, system_tmp
+):
     release, c, _port = lane
     workdir = Path(tempfile.mkdtemp(prefix=f"controller-{release}-", dir=system_tmp))
     version = subprocess.run(
@@ -177,4 +180,14 @@ def test_converges_over_ssh_then_changes_nothing(lane, ssh_key, azurite, role_co
     )
 
     rc, out, recap = playbook(lane, ssh_key, variables, workdir)
+    assert rc == 0 and recap.get("changed") == 0, out
+
+    # The way back (tasks/local.yml): nothing exists only in Blob here, so it switches, once.
+    local = {**variables, "media_storage_backend": "local"}
+    rc, out, recap = playbook(lane, ssh_key, local, workdir)
+    assert rc == 0 and recap.get("changed", 0) > 0, out
+    for unit in UNITS:
+        assert c.systemctl("is-enabled", unit, check=False).stdout.strip() != "enabled", unit
+    assert "MEDIA_STORAGE_BACKEND=local" in c.run(["cat", "/etc/gighive-media-agent/agent.env"]).stdout
+    rc, out, recap = playbook(lane, ssh_key, local, workdir)
     assert rc == 0 and recap.get("changed") == 0, out
