@@ -411,3 +411,15 @@ def test_bad_variables_fail_in_the_assert_step(host, azure_vars, override, messa
     assert failed_task.startswith("Check"), failed_task
     assert "hunter2" not in out
     assert host.run(["sha256sum", "/etc/gighive-media-agent/agent.env"]).stdout == before
+
+
+def test_failed_preflight_stops_the_play_with_doctors_reasons(host, azure_vars):
+    """A container that does not exist: configuration is written, then doctor FAILs and the play
+    stops before the units are enabled, naming the failed check and its reason."""
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    rc, out, recap = playbook(host, {**azure_vars, "azure_storage_container_name": missing})
+    assert rc != 0 and recap.get("failed") == 1, out
+    assert "gighive-media doctor found problems" in out, out
+    assert "container" in out, out
+    failed_task = re.findall(r"TASK \[media_storage_azure_blob : ([^\]]+)\]", out)[-1]
+    assert failed_task == "Stop on failed preflight checks", failed_task
