@@ -27,15 +27,30 @@ from tests.system.nspawn import Container
 
 ANSIBLE_DIR = REPO / "ansible"
 ANSIBLE_DEBS = CACHE / "ansible-debs"
+# One virtualenv per hashed lock in tests/ansible/locks/ (.ci/setup-ansible builds them).
+ANSIBLE_VENVS = CACHE / "ansible-venvs"
+
+
+def venv_env(name: str) -> dict[str, str]:
+    """An environment whose PATH starts with the bin/ of the venv built from locks/<name>.lock."""
+    bin_dir = ANSIBLE_VENVS / name / "bin"
+    if not (ANSIBLE_VENVS / name / ".stamp").exists():
+        lock = REPO / "tests" / "ansible" / "locks" / f"{name}.lock"
+        python = lock.read_text().splitlines()[0].removeprefix("# ")
+        pytest.skip(f"{bin_dir} is missing: .ci/setup-ansible builds it when this machine has the lock's {python}")
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(ANSIBLE_DIR.parent), "LANG": "C.UTF-8"}
 
 
 @pytest.fixture(scope="session")
 def ansible_host() -> None:
-    """ansible-core and ansible-lint on the host, and the container's ansible .debs, via .ci/setup-ansible."""
+    """ansible-core on the host, the venvs of tests/ansible/locks/ and the container's ansible .debs,
+    via .ci/setup-ansible."""
     if os.geteuid() != 0:
-        if shutil.which("ansible-lint") and shutil.which("ansible-playbook"):
+        if shutil.which("ansible-playbook") and (ANSIBLE_VENVS / "lint" / ".stamp").exists():
             return
-        pytest.skip("installing ansible-core and ansible-lint needs root (.ci/setup-ansible); run it as root or in CI")
+        pytest.skip(
+            "installing ansible-core and the ansible venvs needs root (.ci/setup-ansible); run it as root or in CI"
+        )
     r = subprocess.run(["bash", str(REPO / ".ci" / "setup-ansible")], capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
         pytest.fail(f".ci/setup-ansible failed ({r.returncode}):\n{r.stdout}\n{r.stderr}", pytrace=False)

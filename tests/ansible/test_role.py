@@ -1,8 +1,12 @@
-"""The media_storage_azure_blob role, applied for real with ansible-playbook (connection: local)
-inside a booted Debian 12 container, against the session's Azurite on the shared 127.0.0.1.
+"""The media_storage_azure_blob role, applied for real with ansible-playbook (Debian 12's
+ansible-core 2.14, connection: local) inside a booted Debian 12 container, against the session's
+Azurite on the shared 127.0.0.1. (test_matrix.py drives newer releases over SSH.)
 
-One container for the module: the tests run in order (install, idempotence, back to local,
-bad variables), as an operator would apply the role over time.
+One container for the module: the tests run in order, as an operator would apply the role over
+time: install, idempotence, an upload through the units, turning local deletion on and changing
+a credential (each must reach the running services by the end of the play), the way back to
+local (refused while a file exists only in Blob, then allowed after `migrate --to-local`), bad
+variables.
 
 Docker is not in the container. For the volume:<name> media root, /usr/local/bin/docker is a tiny
 stand-in script that answers only `docker volume inspect NAME` with the JSON the real CLI prints
@@ -12,12 +16,14 @@ root-only /var/lib/docker, and a _data directory owned by www-data (uid 33) as t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import uuid
 
 import pytest
 
-from tests.system.nspawn import Container
+from tests.system.nspawn import Container, wait_for
 
 UNITS = ("gighive-media-upload.path", "gighive-media-retry.timer", "gighive-media-stream.socket")
 VOLUME = "files_video"
@@ -161,8 +167,6 @@ def test_second_run_changes_nothing(host, azure_vars):
 def test_upload_through_the_configured_units(host, azurite, role_container_name):
     from azure.storage.blob import BlobServiceClient
 
-    from tests.system.nspawn import wait_for
-
     # www-data writes into the volume, as GigHive's tusd/PHP would; the path unit picks it up.
     host.sh(f"printf 'thumb' > /tmp/t.png && install -o 33 -g 33 -m 0644 /tmp/t.png {VOLUME_DATA}/thumbnails/x.png")
     container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client(
@@ -175,30 +179,192 @@ def test_upload_through_the_configured_units(host, azurite, role_container_name)
     )
 
 
-def set_state(c: Container, blob: str, state: str) -> None:
-    """Change one file's state in the agent's SQLite queue, as the service user (files stay its own)."""
+AGENT_RUN = [
+    "systemd-run",
+    "--quiet",
+    "--wait",
+    "--pipe",
+    "--collect",
+    "-p",
+    "User=gighive-media",
+    "-p",
+    "Group=gighive-media",
+    "-p",
+    "EnvironmentFile=/etc/gighive-media-agent/agent.env",
+    "-p",
+    "StateDirectory=gighive-media-agent",
+    "-p",
+    "LoadCredential=azure-storage-connection-string:gighive-media-agent.azure-storage-connection-string",
+    "/usr/bin/gighive-media",
+]
+# Keeps the upload run that the play starts, and the stream server, alive while the test looks at
+# them (by default they exit after 60 s and 300 s idle). EVICT_MIN_AGE_DAYS=0: the eviction
+# policy would otherwise keep the test's new file local for days (an agent without the policy
+# ignores the variable).
+LONG_RUN = {
+    "media_agent_extra_env": {
+        "UPLOAD_IDLE_EXIT_SECONDS": "3600",
+        "STREAM_IDLE_EXIT_SECONDS": "3600",
+        "EVICT_MIN_AGE_DAYS": "0",
+    }
+}
+AUDIO_ROOT = "/srv/gighive/audio"
+AUDIO_BYTES = b"ID3 gighive role test audio " + uuid.uuid4().bytes
+AUDIO_NAME = hashlib.sha256(AUDIO_BYTES).hexdigest() + ".mp3"
+
+
+def file_state(c: Container, blob: str) -> str | None:
+    """One file's state in the agent's SQLite queue, read as the service user."""
     script = (
-        "import sqlite3, sys; db = sqlite3.connect('/var/lib/gighive-media-agent/state.sqlite3'); "
-        "n = db.execute('UPDATE files SET state = ?, local_copy = ? WHERE blob_name = ?', "
-        "(sys.argv[1], 0 if sys.argv[1] == 'evicted' else 1, sys.argv[2])).rowcount; db.commit(); "
-        "sys.exit(0 if n == 1 else 1)"
+        "import sqlite3, sys; db = sqlite3.connect('file:/var/lib/gighive-media-agent/state.sqlite3?mode=ro', "
+        "uri=True); row = db.execute('SELECT state FROM files WHERE blob_name = ?', (sys.argv[1],)).fetchone(); "
+        "print(row[0] if row else '')"
     )
-    c.run(["runuser", "-u", "gighive-media", "--", "python3", "-c", script, state, blob])
+    out = c.run(["runuser", "-u", "gighive-media", "--", "python3", "-c", script, blob]).stdout.strip()
+    return out or None
+
+
+def invocation(c: Container, unit: str) -> str:
+    """The unit's InvocationID: a new one each time the service (re)starts; empty when inactive."""
+    props = c.show(unit, "InvocationID", "ActiveState")
+    return props["InvocationID"] if props["ActiveState"] == "active" else ""
+
+
+def ranged_get(c: Container, url_path: str) -> str:
+    """GET bytes=0-3 of url_path over the stream socket, as the web front would; the raw head + body."""
+    script = (
+        "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect('/run/gighive-media-agent/stream.sock'); "
+        "s.sendall(('GET ' + sys.argv[1] + ' HTTP/1.1\\r\\nHost: t\\r\\nRange: bytes=0-3\\r\\n"
+        "Connection: close\\r\\n\\r\\n').encode()); data = b''\n"
+        "while chunk := s.recv(65536): data += chunk\n"
+        "sys.stdout.write(data.decode('latin-1'))"
+    )
+    return c.run(["python3", "-c", script, url_path], timeout=60).stdout
+
+
+def test_deletion_switch_reaches_the_running_upload_service(host, azure_vars):
+    """Turning media_delete_local_after_upload on while an upload run is active: the run is
+    restarted with the new agent.env and drop-in, and the verified file is evicted now, not at
+    the next retry timer run (the issue seen over SSH: the running service kept its old settings)."""
+    rc, out, _recap = playbook(host, {**azure_vars, **LONG_RUN})
+    assert rc == 0, out
+    host.write("/root/a.mp3", AUDIO_BYTES)
+    host.run(["install", "-o", "33", "-g", "33", "-m", "0644", "/root/a.mp3", f"{AUDIO_ROOT}/{AUDIO_NAME}"])
+    blob = f"audio/{AUDIO_NAME}"
+    wait_for(lambda: file_state(host, blob) == "uploaded", timeout=120, what=f"{blob} to be uploaded")
+    before = invocation(host, "gighive-media-upload.service")
+    assert before, "the play should have left an upload run active (UPLOAD_IDLE_EXIT_SECONDS=3600)"
+    host.run(["test", "-f", f"{AUDIO_ROOT}/{AUDIO_NAME}"])  # deletion is still off
+
+    rc, out, recap = playbook(host, {**azure_vars, **LONG_RUN, "media_delete_local_after_upload": True})
+    assert rc == 0 and recap["changed"] > 0, out
+    after = invocation(host, "gighive-media-upload.service")
+    assert after and after != before, "the running upload service was not restarted"
+    pid = host.show("gighive-media-upload.service", "MainPID")["MainPID"]
+    environ = host.run(["cat", f"/proc/{pid}/environ"]).stdout.split("\0")
+    assert "DELETE_LOCAL_AFTER_UPLOAD=true" in environ
+    wait_for(lambda: file_state(host, blob) == "evicted", timeout=120, what=f"{blob} to be evicted")
+    assert host.run(["test", "-e", f"{AUDIO_ROOT}/{AUDIO_NAME}"], check=False).returncode != 0
+    # The stream server answers for it from Blob now.
+    response = ranged_get(host, f"/{blob}")
+    assert response.startswith("HTTP/1.1 206"), response[:300]
+    assert response.endswith(AUDIO_BYTES[:4].decode("latin-1")), response[-100:]
+
+
+def test_credential_change_restarts_the_services_that_read_it(host, azure_vars, azurite):
+    # An equivalent connection string written differently: a changed credential file, still valid.
+    changed = azurite.connection_string.rstrip(";")
+    assert changed != azurite.connection_string
+    base = {**azure_vars, **LONG_RUN, "media_delete_local_after_upload": True}
+    ranged_get(host, f"/audio/{AUDIO_NAME}")  # socket activation: the stream server is running
+    before = {u: invocation(host, u) for u in ("gighive-media-upload.service", "gighive-media-stream.service")}
+    assert all(before.values()), before
+
+    rc, out, recap = playbook(host, {**base, "azure_storage_connection_string": changed})
+    assert rc == 0 and recap["changed"] > 0, out
+    for unit, old in before.items():
+        # The stream server's restart is queued (no_block): wait for its new run.
+        wait_for(lambda u=unit, o=old: invocation(host, u) not in ("", o), timeout=90, what=f"{unit} to restart")
+        loaded = host.run(["cat", f"/run/credentials/{unit}/azure-storage-connection-string"]).stdout
+        assert loaded == changed, unit
+    response = ranged_get(host, f"/audio/{AUDIO_NAME}")
+    assert response.startswith("HTTP/1.1 206"), response[:300]
+    # The same variables again: nothing changes and nothing is restarted.
+    settled = {u: invocation(host, u) for u in before}
+    rc, out, recap = playbook(host, {**base, "azure_storage_connection_string": changed})
+    assert rc == 0 and recap["changed"] == 0, out
+    assert {u: invocation(host, u) for u in before} == settled
+
+
+# Until the agent has `migrate --to-local --check`, this stand-in answers it with what the test
+# wrote; every other command (and --check when no answer is set) goes to the real agent.
+CHECK_WRAPPER = """#!/bin/sh
+case " $* " in
+*" --check "*)
+    if [ -r /etc/gighive-test/answer.json ]; then
+        cat /etc/gighive-test/answer.json
+        exit "$(cat /etc/gighive-test/answer.rc)"
+    fi ;;
+esac
+exec /usr/bin/gighive-media.real "$@"
+"""
+
+
+@pytest.mark.parametrize(
+    ("rc", "answer", "expected"),
+    [
+        (
+            1,
+            {"safe": False, "reasons": ["audio/a.mp3 exists only in Blob", "the state lists 1 evicted file"]},
+            ["not safe yet: audio/a.mp3 exists only in Blob; the state lists 1 evicted file."],
+        ),
+        (69, {"safe": None, "reasons": []}, ["cannot reach Azure Blob or MySQL (exit 69)"]),
+    ],
+    ids=["not-safe", "unreachable"],
+)
+def test_backend_local_follows_the_agents_check(host, azure_vars, rc, answer, expected):
+    """The role's side of `migrate --to-local --check`: exit 1 fails the play with the agent's
+    reasons, 69 fails it as "cannot tell"; either way after the path unit and the timer are
+    stopped, and with the stream server still serving."""
+    host.run(["mv", "/usr/bin/gighive-media", "/usr/bin/gighive-media.real"])
+    try:
+        host.write("/usr/bin/gighive-media", CHECK_WRAPPER, mode=0o755)
+        host.write("/etc/gighive-test/answer.json", json.dumps(answer))
+        host.write("/etc/gighive-test/answer.rc", str(rc))
+        rc_play, out, _recap = playbook(host, {**azure_vars, "media_storage_backend": "local"})
+    finally:
+        host.run(["rm", "-rf", "/etc/gighive-test"])
+        host.run(["mv", "/usr/bin/gighive-media.real", "/usr/bin/gighive-media"])
+    assert rc_play != 0, out
+    for text in expected:
+        assert text in " ".join(out.split()), out
+    assert "sudo -u gighive-media gighive-media migrate --to-local" in out, out
+    states = unit_states(host)
+    assert states["gighive-media-upload.path"] == ("disabled", "inactive"), states
+    assert states["gighive-media-retry.timer"] == ("disabled", "inactive"), states
+    assert states["gighive-media-stream.socket"] == ("enabled", "active"), states
 
 
 def test_backend_local_is_refused_while_files_exist_only_in_blob(host, azure_vars):
-    set_state(host, "video/thumbnails/x.png", "evicted")
-    try:
-        rc, out, recap = playbook(host, {**azure_vars, "media_storage_backend": "local"})
-        assert rc != 0, out
-        assert "exist only in Azure Blob" in out and "gighive-media migrate --to-local" in out, out
-        # nothing was stopped
-        assert unit_states(host) == {u: ("enabled", "active") for u in UNITS}
-    finally:
-        set_state(host, "video/thumbnails/x.png", "uploaded")
+    rc, out, _recap = playbook(host, {**azure_vars, "media_storage_backend": "local"})
+    assert rc != 0, out
+    assert "sudo -u gighive-media gighive-media migrate --to-local" in out, out
+    # Stopped first, so no run can evict after the check: the path unit, the timer, their services.
+    states = unit_states(host)
+    assert states["gighive-media-upload.path"] == ("disabled", "inactive"), states
+    assert states["gighive-media-retry.timer"] == ("disabled", "inactive"), states
+    for unit in ("gighive-media-upload.service", "gighive-media-retry.service"):
+        assert host.systemctl("is-active", unit, check=False).stdout.strip() != "active", unit
+    # The stream server still serves the file that exists only in Blob.
+    assert states["gighive-media-stream.socket"] == ("enabled", "active"), states
+    response = ranged_get(host, f"/audio/{AUDIO_NAME}")
+    assert response.startswith("HTTP/1.1 206"), response[:300]
 
 
-def test_backend_local_leaves_no_enabled_agent_unit(host, azure_vars):
+def test_backend_local_after_migrate_to_local_leaves_no_enabled_agent_unit(host, azure_vars):
+    r = host.run([*AGENT_RUN, "migrate", "--to-local"], check=False, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert host.path(f"{AUDIO_ROOT}/{AUDIO_NAME}").read_bytes() == AUDIO_BYTES
     rc, out, recap = playbook(host, {**azure_vars, "media_storage_backend": "local"})
     assert rc == 0, out
     enabled = host.run(
@@ -245,3 +411,15 @@ def test_bad_variables_fail_in_the_assert_step(host, azure_vars, override, messa
     assert failed_task.startswith("Check"), failed_task
     assert "hunter2" not in out
     assert host.run(["sha256sum", "/etc/gighive-media-agent/agent.env"]).stdout == before
+
+
+def test_failed_preflight_stops_the_play_with_doctors_reasons(host, azure_vars):
+    """A container that does not exist: configuration is written, then doctor FAILs and the play
+    stops before the units are enabled, naming the failed check and its reason."""
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    rc, out, recap = playbook(host, {**azure_vars, "azure_storage_container_name": missing})
+    assert rc != 0 and recap.get("failed") == 1, out
+    assert "gighive-media doctor found problems" in out, out
+    assert "container" in out, out
+    failed_task = re.findall(r"TASK \[media_storage_azure_blob : ([^\]]+)\]", out)[-1]
+    assert failed_task == "Stop on failed preflight checks", failed_task

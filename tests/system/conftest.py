@@ -59,7 +59,8 @@ def _cannot_boot_reason() -> str | None:
 
 @pytest.fixture(scope="session")
 def system_host() -> Path:
-    """Prepare the host with .ci/setup-system and return the cached rootfs tarball."""
+    """Prepare the host with .ci/setup-system and return the cached rootfs tarball (or
+    GIGHIVE_ROOTFS's)."""
     reason = _cannot_boot_reason()
     if reason:
         pytest.skip(f"system test cannot run on this host: {reason}")
@@ -67,6 +68,10 @@ def system_host() -> Path:
     if r.returncode != 0:
         pytest.fail(f".ci/setup-system failed ({r.returncode}):\n{r.stdout}\n{r.stderr}", pytrace=False)
     sys.stderr.write(r.stdout)
+    # Another distribution's root filesystem (tests/system/ubuntu_lane.py: Ubuntu 24.04).
+    other = os.environ.get("GIGHIVE_ROOTFS")
+    if other:
+        return Path(other)
     assert ROOTFS_TARBALL.is_file(), f"{ROOTFS_TARBALL} missing after .ci/setup-system"
     return ROOTFS_TARBALL
 
