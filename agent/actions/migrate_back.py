@@ -132,18 +132,23 @@ def survey(
 
 
 def _claimed_by(rec: FileRecord | None, loc: Location | None, assets: safety.AssetsWitness, mf) -> str | None:
+    """Which witness wants this file back on disk, or None when GigHive deleted its asset.
+
+    A whole `assets` table without the asset's row, with its local file gone, is GigHive's delete
+    (agent.deletes): the file stays in Blob only, whatever older records say. A table that cannot
+    be trusted says nothing, and then every other witness counts."""
+    from ..pointer import asset_key
+
+    key = asset_key(mf)
+    if assets.keys is not None and key is not None:
+        return "GigHive's assets table" if key in assets.keys else None
     if rec is not None and rec.state in ("uploaded", "evicted"):
         return f"the agent's state ({rec.state})"
     if loc is not None and loc.provider == "azure_blob":
         return "the DB pointer"
     if assets.keys is None:
         return f"every blob, because {assets.problem}"
-    from ..pointer import asset_key
-
-    key = asset_key(mf)
-    if key is None:
-        return "not a GigHive asset's file: kept to be safe"
-    return "GigHive's assets table" if key in assets.keys else None
+    return "not a GigHive asset's file: kept to be safe"
 
 
 def _expected(rec: FileRecord | None, blob: Listed | None, from_name: str | None) -> tuple[str | None, int | None]:
