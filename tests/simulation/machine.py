@@ -58,6 +58,11 @@ STATS: dict[str, int] = {
 }
 
 
+class BudgetReached(BaseException):
+    """A long run's steps are used up (a BaseException: hypothesis passes it through instead of
+    reporting it as a failing example)."""
+
+
 class Violation(AssertionError):
     def __init__(self, kind: str, detail: str):
         super().__init__(f"[{kind}] {detail}")
@@ -90,6 +95,7 @@ class Simulation(RuleBasedStateMachine):
     """One example: a fresh host, then random steps. `world` is set by the test before running."""
 
     world: World
+    step_budget: int | None = None  # bench/simulate.py: stop once STATS["steps"] reaches it
 
     def __init__(self) -> None:
         super().__init__()
@@ -120,7 +126,6 @@ class Simulation(RuleBasedStateMachine):
     # ---- helpers ----------------------------------------------------------------------------
 
     def _note(self, text: str) -> None:
-        STATS["steps"] += 1
         self.log.append(text)
 
     def _media_items(self, wanted: bool = True) -> list[Item]:
@@ -366,8 +371,7 @@ class Simulation(RuleBasedStateMachine):
             run = self.w.agent(argv, **overrides)
         how = fault if fault in ("none", "lost_response") else f"{fault} at {hook}#{nth}"
         self._note(
-            f"agent {' '.join(argv)} DELETE_LOCAL={delete_local} [{how}] -> "
-            f"{'killed' if run.killed else run.code}"
+            f"agent {' '.join(argv)} DELETE_LOCAL={delete_local} [{how}] -> {'killed' if run.killed else run.code}"
         )
         if attempts_before is not None:
             self._check_attempts(attempts_before, command)
@@ -384,9 +388,7 @@ class Simulation(RuleBasedStateMachine):
     def _race(self, kind: str, subject: object) -> None:
         """A GigHive write landing in the middle of an agent step, on the file that step is about."""
         name = self._name_of(subject)
-        item = next(
-            (i for i in self.items.values() if name in (i.name, i.thumb_name) and i.name in self.wanted), None
-        )
+        item = next((i for i in self.items.values() if name in (i.name, i.thumb_name) and i.name in self.wanted), None)
         if item is None:
             return
         if kind == "delete":
@@ -452,6 +454,10 @@ class Simulation(RuleBasedStateMachine):
 
     @invariant()
     def every_wanted_file_is_readable_and_served(self) -> None:
+        # Hypothesis runs the invariants after every step (and after initialize): one check per step.
+        if self.step_budget is not None and STATS["steps"] >= self.step_budget:
+            raise BudgetReached
+        STATS["steps"] += 1
         STATS["invariant_checks"] += 1
         local_now: set[str] = set()
         for name, data in sorted(self.wanted.items()):
@@ -464,7 +470,9 @@ class Simulation(RuleBasedStateMachine):
             blob = self.w.blob_bytes(name)
             if local != data and blob != data:
                 raise Violation("lost", f"{name}: its bytes are neither on local disk nor in Blob")
-            raise Violation("not_served", f"{name}: on {'disk' if local == data else 'Blob'}, but GET answered {status}")
+            raise Violation(
+                "not_served", f"{name}: on {'disk' if local == data else 'Blob'}, but GET answered {status}"
+            )
         if self.hold:
             for name in sorted((self.local_before & set(self.wanted)) - local_now):
                 raise Violation("evicted_during_local_hold", f"{name} left local disk after a complete --to-local")
