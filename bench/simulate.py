@@ -21,6 +21,7 @@ import io
 import json
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -101,6 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         mariadb = MariaDB(base / "mariadb").start()
         world = World(base / "world", azurite, mariadb)
         Simulation.world = world
+        stop = threading.Event()
+        if args.progress:
+            # A seed that finds nothing runs until the budget: report the figures meanwhile too.
+            def report_progress() -> None:
+                while not stop.wait(20):
+                    figures = _figures(args, seeds, failures, time.monotonic() - started)
+                    args.progress.write_text(json.dumps(figures, indent=2))
+
+            threading.Thread(target=report_progress, daemon=True).start()
         try:
             while STATS["steps"] < args.steps:
                 run_seed_value = args.seed + seeds
@@ -118,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 if failure is None and args.examples is not None:
                     break
         finally:
+            stop.set()
             world.close()
             mariadb.cleanup()
             azurite.stop()
