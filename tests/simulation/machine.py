@@ -38,7 +38,7 @@ AGENT_ARGS = {
     "delete_local": st.booleans(),
     "fault": st.sampled_from(FAULTS),
     "hook": st.sampled_from(HOOK_TARGETS),
-    "nth": st.integers(1, 4),
+    "nth": st.integers(1, 3),
     "after": st.booleans(),
     "race": st.sampled_from(RACES),
     "lost": st.sampled_from(LOST),
@@ -50,8 +50,10 @@ STATS: dict[str, int] = {
     "steps": 0,
     "invariant_checks": 0,
     "agent_runs": 0,
+    "kills_planned": 0,  # a kill or power cut was drawn (it lands only if the run reaches the hook)
     "kills": 0,
     "power_cuts": 0,
+    "races_planned": 0,
     "races": 0,
     "lost_responses": 0,
     "outages": 0,
@@ -279,7 +281,7 @@ class Simulation(RuleBasedStateMachine):
     @rule()
     def lose_state(self) -> None:
         self.w.lose_state()
-        self.state_lost_in_hold = self.hold
+        self.state_lost_in_hold = self.state_lost_in_hold or self.hold
         self._note("state directory lost")
 
     # ---- faults -----------------------------------------------------------------------------
@@ -351,6 +353,7 @@ class Simulation(RuleBasedStateMachine):
         attempts_before = self._attempts() if self.azure_down and not self.mysql_down else None
         STATS["agent_runs"] += 1
         if fault in ("kill", "power_cut"):
+            STATS["kills_planned"] += 1
             snap = self.w.snapshot_state() if fault == "power_cut" else None
             run = self.w.agent_killed(argv, hook, nth, "after" if after else "before", **overrides)
             if run.killed:
@@ -361,6 +364,7 @@ class Simulation(RuleBasedStateMachine):
                     self.w.revert_state(snap)
                     STATS["power_cuts"] += 1
         elif fault == "race":
+            STATS["races_planned"] += 1
             run = self.w.agent_with_hook(argv, hook, nth, lambda subject: self._race(race, subject), **overrides)
             STATS["races"] += int(run.hook_fired)
         elif fault == "lost_response" and not self.azure_down:
