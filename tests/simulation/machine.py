@@ -44,6 +44,20 @@ AGENT_ARGS = {
     "lost": st.sampled_from(LOST),
 }
 
+# The hooks each command can reach; a drawn hook the command never calls is mapped onto one of
+# these, so a drawn kill or race lands instead of the run simply finishing.
+_WRITES = ("os.unlink", "store.stat", "store.put", "store.commit_blocks", "pointer.record_blob", "state.mark_uploaded")
+REACHABLE = {
+    "upload": (*_WRITES, "state.mark_evicted", "state.forget"),
+    "retry": (*_WRITES, "state.mark_evicted", "state.forget"),
+    "migrate": _WRITES,
+    "migrate_evict": (*_WRITES, "state.mark_evicted"),
+    "to_local": ("os.link", "os.unlink", "store.stat", "pointer.record_local"),
+    "verify": ("store.stat",),
+    "reconcile": ("store.stat", "pointer.record_blob", "pointer.record_local", "state.mark_uploaded"),
+    "prune": ("store.delete", "pointer.record_blob", "pointer.record_local"),
+}
+
 # Counters for the CI summary and bench/simulate.py (per process).
 STATS: dict[str, int] = {
     "examples": 0,
@@ -347,6 +361,9 @@ class Simulation(RuleBasedStateMachine):
 
     def _run_agent(self, command, delete_local, fault, hook, nth, after, race, lost) -> None:
         argv = list(COMMANDS[command])
+        reachable = REACHABLE[command]
+        if hook not in reachable:
+            hook = reachable[HOOK_TARGETS.index(hook) % len(reachable)]
         overrides = {"DELETE_LOCAL_AFTER_UPLOAD": "true" if delete_local else "false"}
         if command.startswith("migrate"):
             self.hold = False  # the forward migrate releases the local hold
