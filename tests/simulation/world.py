@@ -31,6 +31,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
 from tests.faults.faultproxy import FaultProxy
+from tests.support import _proc
 from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 from tests.support.mariadb import ASSETS_DDL, MariaDB
 
@@ -105,12 +106,7 @@ class World:
         self._start_server()
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.server.wait(20)
-            if self.server.poll() is None:
-                self.server.kill()
+        _proc.terminate(self.server)
         self.azure_proxy.close()
         self.mysql_proxy.close()
 
@@ -181,12 +177,9 @@ class World:
         cfg.chmod(0o600)
         log = self.base / "serve.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "LISTEN_"))}
-        self.server = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"],
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "wb"),  # noqa: SIM115 - the child owns it
-            cwd=REPO,
-            env=env,
+        # _proc.spawn: the server dies with this process, even when that is SIGKILLed.
+        self.server = _proc.spawn(
+            [sys.executable, "-m", "agent", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"], log, env=env
         )
         deadline = time.monotonic() + 60
         while True:
