@@ -1,0 +1,110 @@
+"""The simulation's failing examples, as ordinary tests: each is the shortest sequence of steps
+that broke an invariant on main before issue 11's fixes (found by tests/simulation and
+bench/simulate.py; seeds in docs/reliability.md, "Simulation"). They run against the same real
+world as the simulation (files, Azurite, MariaDB, the stream server), step by step through the
+model's own rules, and end with the invariant check that failed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.simulation.machine import Simulation
+from tests.simulation.world import patched
+
+NO_FAULT = {"fault": "none", "hook": "os.unlink", "nth": 1, "after": False, "race": "rewrite", "lost": (None, None)}
+
+
+@pytest.fixture
+def sim(world) -> Simulation:
+    Simulation.world = world
+    s = Simulation()
+    yield s
+    s.teardown()
+
+
+def agent(sim: Simulation, command: str, delete_local: bool = False, **fault) -> None:
+    sim._run_agent(command, delete_local=delete_local, **{**NO_FAULT, **fault})
+    sim.every_wanted_file_is_readable_and_served()
+
+
+def step(sim: Simulation, action, *args) -> None:
+    action(*args)
+    sim.every_wanted_file_is_readable_and_served()
+
+
+def library(sim: Simulation) -> None:
+    """A video with its thumbnail and an audio file, all accepted by GigHive."""
+    step(sim, sim.new_file, 1001, True, False, True, True)
+    step(sim, sim.new_file, 1002, False, False, True, False)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 11: prune trusts an emptied `assets` and deletes the only copy")
+def test_prune_after_truncate_assets_keeps_evicted_blobs(sim: Simulation) -> None:
+    library(sim)
+    agent(sim, "migrate_evict")
+    step(sim, sim.truncate, "assets")
+    agent(sim, "prune")
+
+
+@pytest.mark.xfail(strict=False, reason="issue 11: prune trusts a DB restored from an older dump")
+def test_prune_after_db_restore_from_before_the_files_keeps_them(sim: Simulation) -> None:
+    step(sim, sim.db_backup, False, 0)  # a dump from before the library existed
+    library(sim)
+    agent(sim, "migrate_evict")
+    step(sim, sim.db_backup, True, 0)
+    agent(sim, "prune")
+
+
+@pytest.mark.xfail(strict=False, reason="issue 11: --to-local reports complete from the state alone")
+def test_to_local_with_the_state_lost_is_not_complete(sim: Simulation) -> None:
+    library(sim)
+    agent(sim, "migrate_evict")
+    step(sim, sim.lose_state)
+    agent(sim, "to_local")  # complete => every wanted file must be on disk
+
+
+@pytest.mark.xfail(strict=False, reason="issue 11: upload/retry evict again after --to-local (no local hold)")
+def test_upload_after_to_local_does_not_evict_again(sim: Simulation) -> None:
+    library(sim)
+    agent(sim, "migrate_evict")
+    agent(sim, "to_local")
+    agent(sim, "upload", delete_local=True)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 11: eviction unlinks a thumbnail renamed into place after its check")
+def test_thumbnail_rewritten_during_eviction_is_not_lost(sim: Simulation) -> None:
+    library(sim)
+    # The thumbnail's eviction: lstat, then the blob's properties (store.stat), then unlink. GigHive
+    # renames a new thumbnail into place in between (the race fires on the first store.stat about
+    # the thumbnail, whichever call number that is).
+    thumb = next(n for n in sim.wanted if "/thumbnails/" in n)
+    fired = {"done": False}
+
+    def rewrite(subject: object) -> None:
+        if not fired["done"] and sim._name_of(subject) == thumb:
+            fired["done"] = True
+            sim._race("rewrite", subject)
+
+    with patched("store.stat", rewrite):
+        sim.w.agent(["upload", "--no-watch"], DELETE_LOCAL_AFTER_UPLOAD="true")
+    assert fired["done"], "the race did not happen: the eviction no longer asks for the blob's properties"
+    sim.every_wanted_file_is_readable_and_served()
+
+
+@pytest.mark.xfail(strict=False, reason="issue 11: every run during an Azure outage charges a file an attempt")
+def test_an_outage_uses_up_no_attempts(sim: Simulation) -> None:
+    step(sim, sim.new_file, 1003, True, False, True, False)
+    step(sim, sim.outage, "azure", True)
+    for _ in range(3):
+        agent(sim, "retry")
+    step(sim, sim.outage, "azure", False)
+    step(sim, sim.settle)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 11: --to-local restores a file the operator deleted")
+def test_to_local_does_not_bring_back_a_deleted_file(sim: Simulation) -> None:
+    library(sim)
+    agent(sim, "migrate_evict")
+    step(sim, sim.admin_delete, 0)
+    agent(sim, "to_local")
