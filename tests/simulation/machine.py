@@ -133,6 +133,7 @@ class Simulation(RuleBasedStateMachine):
         self.state_lost_in_hold = False  # the state directory was lost while the hold was on
         self.local_before: set[str] = set()
         self.assets_exact_before = True
+        self.assets_trusted_before = False
         self.has_check = self.w.agent_has_option("migrate", "--check")
         self.log: list[str] = []
 
@@ -174,6 +175,27 @@ class Simulation(RuleBasedStateMachine):
             self.deleted.discard(item.thumb_name)
         self.w.insert_asset(item.root, item.sha, item.ext, len(item.data))
         self.assets.add((item.root, item.sha))
+
+    def _agent_could_trust_assets(self) -> bool:
+        """The agent's own rule (agent.safety.assets_witness), from the rows and what its state
+        remembers of the table's size."""
+        rows = len(self.assets)
+        if rows == 0:
+            return False
+        seen = 0
+        path = self.w.state_dir / "state.sqlite3"
+        if path.exists():
+            import sqlite3
+
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = 'assets_seen'").fetchone()
+                seen = int(row[0]) if row else 0
+            except sqlite3.Error:
+                seen = 0
+            finally:
+                conn.close()
+        return not (seen - rows > max(1, seen * 0.05))
 
     def _assets_exact(self) -> bool:
         want = {(i.root, i.sha) for i in self.items.values() if i.name in self.wanted}
@@ -519,9 +541,13 @@ class Simulation(RuleBasedStateMachine):
             for name in sorted((self.local_before & set(self.wanted)) - local_now):
                 raise Violation(kind, f"{name} left local disk after a complete --to-local")
         exact = self._assets_exact()
-        if exact and self.assets_exact_before:
+        # Checkable only while the agent could trust `assets` when the step began: an empty
+        # table, or one that lost more than a small share of rows since the agent last read it
+        # whole, cannot tell a delete from a TRUNCATE, and then restoring everything is right.
+        if exact and self.assets_exact_before and self.assets_trusted_before:
             for name in sorted(self.deleted):
                 if name not in self.local_before and self.w.local_path(name).exists():
                     raise Violation("deleted_came_back", f"{name} was deleted by the operator and is back on disk")
         self.local_before = local_now | {n for n in self.deleted if self.w.local_path(n).exists()}
         self.assets_exact_before = exact
+        self.assets_trusted_before = self._agent_could_trust_assets()

@@ -39,7 +39,6 @@ def library(sim: Simulation) -> None:
     step(sim, sim.new_file, 1002, False, False, True, False)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: prune trusts an emptied `assets` and deletes the only copy")
 def test_prune_after_truncate_assets_keeps_evicted_blobs(sim: Simulation) -> None:
     library(sim)
     agent(sim, "migrate_evict")
@@ -47,7 +46,6 @@ def test_prune_after_truncate_assets_keeps_evicted_blobs(sim: Simulation) -> Non
     agent(sim, "prune")
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: prune trusts a DB restored from an older dump")
 def test_prune_after_db_restore_from_before_the_files_keeps_them(sim: Simulation) -> None:
     step(sim, sim.db_backup, False, 0)  # a dump from before the library existed
     library(sim)
@@ -56,7 +54,6 @@ def test_prune_after_db_restore_from_before_the_files_keeps_them(sim: Simulation
     agent(sim, "prune")
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: --to-local reports complete from the state alone")
 def test_to_local_with_the_state_lost_is_not_complete(sim: Simulation) -> None:
     library(sim)
     agent(sim, "migrate_evict")
@@ -64,7 +61,6 @@ def test_to_local_with_the_state_lost_is_not_complete(sim: Simulation) -> None:
     agent(sim, "to_local")  # complete => every wanted file must be on disk
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: upload/retry evict again after --to-local (no local hold)")
 def test_upload_after_to_local_does_not_evict_again(sim: Simulation) -> None:
     library(sim)
     agent(sim, "migrate_evict")
@@ -72,7 +68,6 @@ def test_upload_after_to_local_does_not_evict_again(sim: Simulation) -> None:
     agent(sim, "upload", delete_local=True)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: eviction unlinks a thumbnail renamed into place after its check")
 def test_thumbnail_rewritten_during_eviction_is_not_lost(sim: Simulation) -> None:
     library(sim)
     # The thumbnail's eviction: lstat, then the blob's properties (store.stat), then unlink. GigHive
@@ -92,7 +87,6 @@ def test_thumbnail_rewritten_during_eviction_is_not_lost(sim: Simulation) -> Non
     sim.every_wanted_file_is_readable_and_served()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: every run during an Azure outage charges a file an attempt")
 def test_an_outage_uses_up_no_attempts(sim: Simulation) -> None:
     step(sim, sim.new_file, 1003, True, False, True, False)
     step(sim, sim.outage, "azure", True)
@@ -102,7 +96,6 @@ def test_an_outage_uses_up_no_attempts(sim: Simulation) -> None:
     step(sim, sim.settle)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: --to-local restores a file the operator deleted")
 def test_to_local_does_not_bring_back_a_deleted_file(sim: Simulation) -> None:
     library(sim)
     agent(sim, "migrate_evict")

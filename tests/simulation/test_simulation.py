@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -31,7 +30,6 @@ CI_SETTINGS = settings(
 )
 
 
-@pytest.mark.xfail(strict=False, reason="issue 11: the simulation finds losses until parts 1-6 are fixed")
 def test_simulation(world) -> None:
     Simulation.world = world
     before = dict(STATS)

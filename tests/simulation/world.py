@@ -141,6 +141,9 @@ class World:
             # Low, so that an outage that charged attempts shows up as a dead file within a run.
             "RETRY_MAX_ATTEMPTS": "3",
             "DELETE_LOCAL_AFTER_UPLOAD": "false",
+            # Files here are seconds old: the eviction policy's age would keep every one local.
+            # GigHive's own work (ai_jobs, ingest) still counts, as in production.
+            "EVICT_MIN_AGE_DAYS": "0",
             "MYSQL_HOST": "127.0.0.1",
             "MYSQL_PORT": str(self.mysql_proxy.port),
             "MYSQL_DATABASE": self.mariadb.database,
