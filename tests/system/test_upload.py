@@ -110,7 +110,9 @@ def test_while_azure_is_down_the_file_stays_local_and_the_timer_uploads_it_later
     assert run["Result"] == "success" and run["ExecMainStatus"] == "0", log
     assert installed.path(f"{setup.roots['video']}/{name}").read_bytes() == data, "the file stays local"
     status = json.loads(agent_cli(installed, "status", "--json", check=False).stdout)
-    assert status["counts"].get("failed") == 1, status
+    # An outage, not the file's failure: it waits, queued, and status says so.
+    assert status["counts"].get("pending") == 1 and status["counts"].get("failed") == 0, status
+    assert status["outage"] is not None and "unreachable" in status["outage"]["last_error"], status
 
     # Timer runs while Azure is still down keep failing without failing any unit.
     installed.systemctl("start", "gighive-media-retry.timer")
