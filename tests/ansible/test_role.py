@@ -191,7 +191,7 @@ def test_the_compose_override_mounts_the_socket_into_apache(host, azure_vars):
     assert lines[:3] == ["services:", "apacheWebServer:", "volumes:"], override
     assert "- /run/gighive-media-agent:/run/gighive-media-agent:ro" in lines, override
     assert f"- {front}/apache-media-proxy.conf:/etc/apache2/conf-available/gighive-media-proxy.conf:ro" in lines
-    assert "extra_hosts" not in override and "host.docker.internal" not in "\n".join(lines)
+    assert "extra_hosts" not in "\n".join(lines) and "host.docker.internal" not in "\n".join(lines)
     assert host.run(["test", "-e", OLD_COMPOSE], check=False).returncode == 1, "the old compose fragment is still there"
 
 
@@ -466,8 +466,12 @@ def test_backend_local_after_migrate_to_local_leaves_no_enabled_agent_unit(host,
             "a managed identity needs no secret",
         ),
         ({"media_storage_backend": "s3"}, "media_storage_backend is 's3'"),
+        (
+            {"media_agent_stream_tcp_listen": "127.0.0.1:8787", "media_agent_stream_tcp_allow": "10.0.0.5"},
+            "media_agent_stream_tcp_allow a list",
+        ),
     ],
-    ids=["missing-account", "bad-auth-mode", "secret-with-managed-identity", "bad-backend"],
+    ids=["missing-account", "bad-auth-mode", "secret-with-managed-identity", "bad-backend", "tcp-allow-not-a-list"],
 )
 def test_bad_variables_fail_in_the_assert_step(host, azure_vars, override, message):
     before = host.run(["sha256sum", "/etc/gighive-media-agent/agent.env"]).stdout
