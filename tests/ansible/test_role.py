@@ -231,6 +231,27 @@ def test_second_run_changes_nothing(host, azure_vars):
     assert recap["changed"] == 0, out
 
 
+def test_an_operators_tcp_listener_gets_only_their_allow_list(host, azure_vars):
+    """A TCP listener is opt-in: the operator's address and allow-list, and nothing broader; unset
+    again, the drop-in goes and the socket is back to the unix socket alone."""
+    tcp = {"media_agent_stream_tcp_listen": "127.0.0.1:47931", "media_agent_stream_tcp_allow": ["10.0.0.5"]}
+    rc, out, _ = playbook(host, {**azure_vars, **tcp})
+    assert rc == 0, out
+    dropin = host.run(["cat", OLD_TCP]).stdout
+    assert "ListenStream=127.0.0.1:47931\n" in dropin and "IPAddressAllow=10.0.0.5\n" in dropin, dropin
+    assert "172.16" not in dropin
+    env = host.run(["cat", "/etc/gighive-media-agent/agent.env"]).stdout
+    assert "STREAM_ALLOWED_PEERS=localhost,10.0.0.5\n" in env, env
+    listen = host.systemctl("show", "-p", "Listen", "gighive-media-stream.socket").stdout
+    assert "127.0.0.1:47931 (Stream)" in listen, listen
+    rc, out, _ = playbook(host, azure_vars)
+    assert rc == 0, out
+    assert host.run(["test", "-e", OLD_TCP], check=False).returncode == 1
+    listen = host.systemctl("show", "-p", "Listen", "gighive-media-stream.socket").stdout
+    assert listen.strip() == "Listen=/run/gighive-media-agent/stream.sock (Stream)", listen
+    assert "STREAM_ALLOWED_PEERS=localhost\n" in host.run(["cat", "/etc/gighive-media-agent/agent.env"]).stdout
+
+
 def test_upload_through_the_configured_units(host, azurite, role_container_name):
     from azure.storage.blob import BlobServiceClient
 
