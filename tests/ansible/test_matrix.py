@@ -165,7 +165,6 @@ def test_converges_over_ssh_then_changes_nothing_both_ways(
         "media_roots": {"audio": "/srv/gighive/audio", "video": "/srv/gighive/video"},
         # A path on the control node: the role copies it to the host over SSH.
         "media_agent_deb_path": str(deb.deb),
-        "media_agent_stream_tcp_listen": "",
     }
     rc, out, recap = playbook(lane, ssh_key, variables, workdir)
     assert rc == 0 and recap.get("failed") == 0 and recap["changed"] > 0, out

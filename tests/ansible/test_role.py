@@ -23,11 +23,18 @@ import uuid
 
 import pytest
 
+from tests.ansible.conftest import ANSIBLE_DIR
+from tests.system.debbuild import REPO
 from tests.system.nspawn import Container, wait_for
 
 UNITS = ("gighive-media-upload.path", "gighive-media-retry.timer", "gighive-media-stream.socket")
 VOLUME = "files_video"
 VOLUME_DATA = f"/var/lib/docker/volumes/{VOLUME}/_data"
+FRONT = REPO / "agent" / "stream" / "front"
+TEMPLATES = ANSIBLE_DIR / "roles" / "media_storage_azure_blob" / "templates"
+# What an earlier release of the role left behind: the Docker-bridge listener and its compose fragment.
+OLD_TCP = "/etc/systemd/system/gighive-media-stream.socket.d/tcp.conf"
+OLD_COMPOSE = "/etc/gighive-media-agent/front/docker-compose-extra-hosts.yml"
 
 FAKE_DOCKER = """#!/bin/sh
 # Test stand-in for the docker CLI: answers only `docker volume inspect NAME`, like the real one.
@@ -80,6 +87,9 @@ def host(ansible_container: Container) -> Container:
         f"&& install -d -o 33 -g 33 -m 0755 {VOLUME_DATA}/thumbnails "
         "&& install -d -o 33 -g 33 -m 0755 /srv/gighive/audio"
     )
+    # An upgrade from the release that listened on the Docker bridge for every container.
+    c.write(OLD_TCP, "[Socket]\nListenStream=172.17.0.1:8787\nFreeBind=yes\nIPAddressAllow=172.16.0.0/12\n")
+    c.write(OLD_COMPOSE, 'extra_hosts:\n  - "host.docker.internal:host-gateway"\n')
     return c
 
 
@@ -92,8 +102,7 @@ def azure_vars(azurite, role_container_name, deb) -> dict:
         "azure_storage_container_name": role_container_name,
         "media_roots": {"audio": "/srv/gighive/audio", "video": f"volume:{VOLUME}"},
         "media_agent_deb_path": f"/root/{deb.deb.name}",
-        # No Docker bridge in the container; the stream socket keeps its unix socket only.
-        "media_agent_stream_tcp_listen": "",
+        # The stream listener is left at the role's default: the unix socket only.
     }
 
 
@@ -152,16 +161,95 @@ def test_first_run_installs_configures_and_enables_the_units(host, azure_vars):
     assert report["result"] == "PASS", doctor.stdout
     for name in (
         "front/apache-media-proxy.conf",
+        "front/nginx-media-upstream.conf",
         "front/nginx-media-locations.conf",
-        "front/docker-compose-extra-hosts.yml",
+        "front/docker-compose-media-stream.yml",
     ):
         host.run(["test", "-s", f"/etc/gighive-media-agent/{name}"])
+
+
+def test_the_stream_server_is_private_by_default(host, azure_vars):
+    """No TCP listener and no Docker range: only the front reaches the server, through its socket."""
+    assert host.run(["test", "-e", OLD_TCP], check=False).returncode == 1, "the old TCP drop-in is still there"
+    socket = host.systemctl("cat", "gighive-media-stream.socket").stdout
+    listens = [line.split("=", 1)[1] for line in socket.splitlines() if line.startswith("ListenStream=")]
+    assert listens == ["/run/gighive-media-agent/stream.sock"], socket
+    assert "172.16.0.0/12" not in socket
+    show = host.systemctl("show", "-p", "Listen", "gighive-media-stream.socket").stdout
+    assert show.strip() == "Listen=/run/gighive-media-agent/stream.sock (Stream)", show
+    env = host.run(["cat", "/etc/gighive-media-agent/agent.env"]).stdout
+    assert "STREAM_ALLOWED_PEERS=localhost\n" in env and "172.16" not in env, env
+
+
+def test_the_compose_override_mounts_the_socket_into_apache(host, azure_vars):
+    """The rendered override gives GigHive's Apache container the socket directory and the snippet,
+    and needs no host.docker.internal (so it fits inventories with or without the telemetry proxy);
+    the old extra_hosts fragment is gone."""
+    front = "/etc/gighive-media-agent/front"
+    override = host.run(["cat", f"{front}/docker-compose-media-stream.yml"]).stdout
+    lines = [line.strip() for line in override.splitlines() if not line.lstrip().startswith("#")]
+    assert lines[:3] == ["services:", "apacheWebServer:", "volumes:"], override
+    assert "- /run/gighive-media-agent:/run/gighive-media-agent:ro" in lines, override
+    assert f"- {front}/apache-media-proxy.conf:/etc/apache2/conf-available/gighive-media-proxy.conf:ro" in lines
+    assert "extra_hosts" not in "\n".join(lines) and "host.docker.internal" not in "\n".join(lines)
+    assert host.run(["test", "-e", OLD_COMPOSE], check=False).returncode == 1, "the old compose fragment is still there"
+
+
+def test_the_rendered_nginx_snippets_are_the_shipped_ones(host, azure_vars):
+    """What the role installs for nginx is the tested snippet, with this host's media roots as the aliases."""
+    front = "/etc/gighive-media-agent/front"
+    upstream = host.run(["cat", f"{front}/nginx-media-upstream.conf"]).stdout.partition("\n")[2]
+    assert upstream == (FRONT / "nginx-upstream.conf").read_text()
+    locations = host.run(["cat", f"{front}/nginx-media-locations.conf"]).stdout.partition("\n")[2]
+    shipped = (FRONT / "nginx-locations.conf").read_text()
+    expected = shipped.replace("alias /home/ubuntu/audio/", "alias /srv/gighive/audio/").replace(
+        "alias /home/ubuntu/video/", f"alias {VOLUME_DATA}/"
+    )
+    assert expected != shipped and locations == expected
+
+
+def test_the_nginx_templates_do_not_drift_from_the_shipped_snippets():
+    """The templates are the shipped files plus the managed header (and, for the locations, the
+    root paths in the two aliases, falling back to the shipped paths); no other template logic."""
+    upstream = (TEMPLATES / "nginx-media-upstream.conf.j2").read_text()
+    header, _, body = upstream.partition("\n")
+    assert header == "# {{ ansible_managed }}" and body == (FRONT / "nginx-upstream.conf").read_text()
+    header, _, body = (TEMPLATES / "nginx-media-locations.conf.j2").read_text().partition("\n")
+    assert header == "# {{ ansible_managed }}"
+    for name in ("audio", "video"):
+        body = body.replace(
+            f"{{{{ media_storage_azure_blob_root_paths.get('{name}', '/home/ubuntu/{name}') }}}}",
+            f"/home/ubuntu/{name}",
+        )
+    assert "{{" not in body and "{%" not in body
+    assert body == (FRONT / "nginx-locations.conf").read_text()
 
 
 def test_second_run_changes_nothing(host, azure_vars):
     rc, out, recap = playbook(host, azure_vars)
     assert rc == 0, out
     assert recap["changed"] == 0, out
+
+
+def test_an_operators_tcp_listener_gets_only_their_allow_list(host, azure_vars):
+    """A TCP listener is opt-in: the operator's address and allow-list, and nothing broader; unset
+    again, the drop-in goes and the socket is back to the unix socket alone."""
+    tcp = {"media_agent_stream_tcp_listen": "127.0.0.1:47931", "media_agent_stream_tcp_allow": ["10.0.0.5"]}
+    rc, out, _ = playbook(host, {**azure_vars, **tcp})
+    assert rc == 0, out
+    dropin = host.run(["cat", OLD_TCP]).stdout
+    assert "ListenStream=127.0.0.1:47931\n" in dropin and "IPAddressAllow=10.0.0.5\n" in dropin, dropin
+    assert "172.16" not in dropin
+    env = host.run(["cat", "/etc/gighive-media-agent/agent.env"]).stdout
+    assert "STREAM_ALLOWED_PEERS=localhost,10.0.0.5\n" in env, env
+    listen = host.systemctl("show", "-p", "Listen", "gighive-media-stream.socket").stdout
+    assert "127.0.0.1:47931 (Stream)" in listen, listen
+    rc, out, _ = playbook(host, azure_vars)
+    assert rc == 0, out
+    assert host.run(["test", "-e", OLD_TCP], check=False).returncode == 1
+    listen = host.systemctl("show", "-p", "Listen", "gighive-media-stream.socket").stdout
+    assert listen.strip() == "Listen=/run/gighive-media-agent/stream.sock (Stream)", listen
+    assert "STREAM_ALLOWED_PEERS=localhost\n" in host.run(["cat", "/etc/gighive-media-agent/agent.env"]).stdout
 
 
 def test_upload_through_the_configured_units(host, azurite, role_container_name):
@@ -399,8 +487,12 @@ def test_backend_local_after_migrate_to_local_leaves_no_enabled_agent_unit(host,
             "a managed identity needs no secret",
         ),
         ({"media_storage_backend": "s3"}, "media_storage_backend is 's3'"),
+        (
+            {"media_agent_stream_tcp_listen": "127.0.0.1:8787", "media_agent_stream_tcp_allow": "10.0.0.5"},
+            "media_agent_stream_tcp_allow a list",
+        ),
     ],
-    ids=["missing-account", "bad-auth-mode", "secret-with-managed-identity", "bad-backend"],
+    ids=["missing-account", "bad-auth-mode", "secret-with-managed-identity", "bad-backend", "tcp-allow-not-a-list"],
 )
 def test_bad_variables_fail_in_the_assert_step(host, azure_vars, override, message):
     before = host.run(["sha256sum", "/etc/gighive-media-agent/agent.env"]).stdout
