@@ -16,10 +16,10 @@ from ..errors import ConfigErrors
 _X_ACCEL_RE = re.compile(r"^/[A-Za-z0-9_/-]*[A-Za-z0-9_-]$")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-# Loopback only, like the shipped socket unit (IPAddressAllow=localhost). The Docker network of
-# GigHive's Apache container is allowed per host, never by default (the Ansible role renders it from
-# media_agent_stream_tcp_allow): every container on the host, not only the front, sits in
-# 172.16.0.0/12, and any of them could read all media without the site's authentication.
+# Loopback only, like the shipped socket unit (IPAddressAllow=localhost). GigHive's Apache container
+# reaches the server through the unix socket, not TCP; a TCP listener and its peers are an
+# operator's opt-in (the role's media_agent_stream_tcp_listen/_allow). Every container on the host
+# sits in 172.16.0.0/12, and any of them could read all media without the site's authentication.
 DEFAULT_ALLOWED_PEERS = "localhost"
 _LOCALHOST = ("127.0.0.0/8", "::1/128")
 
