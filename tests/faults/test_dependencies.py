@@ -8,10 +8,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -41,30 +41,27 @@ def test_mysql_stopped_mid_run_keeps_files_until_the_pointer_flips(
     harness, blob_container, media_roots, media_db, tmp_path
 ):
     h = with_mysql(harness, media_db, tmp_path)
-    # About 7 s of uploading at this rate: MySQL's shutdown lands well inside the run.
-    h.write_config(DELETE_LOCAL_AFTER_UPLOAD="true", UPLOAD_FILE_CONCURRENCY="1", UPLOAD_BANDWIDTH_LIMIT="512KiB")
+    # About 14 s of uploading at this rate, one file at a time.
+    h.write_config(DELETE_LOCAL_AFTER_UPLOAD="true", UPLOAD_FILE_CONCURRENCY="1", UPLOAD_BANDWIDTH_LIMIT="256KiB")
     files = library(media_roots, 800, n=6)
-    stopped = threading.Event()
-
-    def stop_after_first_flip() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                if pointer_rows(media_db):
-                    media_db.stop()
-                    stopped.set()
-                    return
+    # The agent is frozen (SIGSTOP) as soon as the first pointer row exists, and thawed only once
+    # MySQL is fully down: how long MariaDB takes to shut down on a loaded machine cannot let the
+    # run finish first. Only the poll's own latency races the next file (seconds away).
+    proc = h.spawn("upload", "--no-watch", "--json")
+    try:
+        while not pointer_rows(media_db):
+            assert proc.poll() is None, f"the run ended before any pointer was written: {proc.communicate()}"
             time.sleep(0.02)
-
-    stopper = threading.Thread(target=stop_after_first_flip)
-    stopper.start()
-    proc = h.cli("upload", "--no-watch", "--json")
-    stopper.join()
-    assert stopped.is_set()
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+        proc.send_signal(signal.SIGSTOP)
+        media_db.stop()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
     assert result["pointer_failures"] >= 1
-    assert "the DB pointer could not be updated" in proc.stderr and "unreachable" in proc.stderr
+    assert "the DB pointer could not be updated" in err and "unreachable" in err
     status = h.cli_json("status")
     pending = status["pointer_pending"]
     assert pending and all("unreachable" in p["error"] for p in pending)
