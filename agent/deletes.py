@@ -87,7 +87,7 @@ def track(
         )
     state.replace_assets_seen(current)
     safety.remember_assets(state, witness)
-    if config.purge_deleted_after_days > 0 and safety.held(state) is None:
+    if config.purge_deleted_after_days > 0 and safety.held(state, config) is None:
         _purge_due(config, state, store, db, current, report)
     return report
 

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 # Set by `migrate --to-local`: from then on nothing evicts and nothing points the DB at Blob,
 # until the operator runs the forward `migrate` again.
 HOLD_KEY = "local_hold"
+HOLD_MARKER = ".gighive-media-agent-local-hold"
 # The service is unusable since...: set by the worker, shown by `status`, cleared by a success.
 OUTAGE_KEY = "outage"
 # How many rows `assets` had when the agent last trusted it (a sudden drop is not deletions).
@@ -112,21 +113,79 @@ class Witnesses:
         return self.blob(rec) or self.pointer(rec)
 
 
-def held(state: StateStore) -> str | None:
-    """When `migrate --to-local` set the hold (ISO time), else None."""
-    return state.get_meta(HOLD_KEY)
+def hold_markers(config: Config) -> list[Path]:
+    """Where the hold is written besides the state: one file at the top of every media root.
+
+    The state directory can be lost (a rebuilt host, a restore) while the media roots, which hold
+    the files the way back restored, survive it: a hold kept only in state.sqlite3 would be gone
+    with it, and the next run would evict again. A dot-name keeps scans and uploads away from it.
+    """
+    seen: dict[str, Path] = {}
+    for root in config.roots:
+        seen.setdefault(str(root.path), root.path / HOLD_MARKER)
+    return list(seen.values())
 
 
-def set_hold(state: StateStore) -> None:
-    if held(state) is None:
-        state.set_meta(HOLD_KEY, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), durable=True)
+def held(state: StateStore | None, config: Config | None = None) -> str | None:
+    """When `migrate --to-local` set the hold (ISO time), else None.
+
+    Either witness is enough: the state's row, or a marker in a media root. A marker that cannot
+    be read counts as a hold: a missing witness never lets eviction resume.
+    """
+    since = state.get_meta(HOLD_KEY) if state is not None else None
+    if since is not None or config is None:
+        return since
+    for marker in hold_markers(config):
+        try:
+            text = marker.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            return f"unknown (the hold marker {marker} cannot be read: {e.strerror or e})"
+        return text.splitlines()[0] if text else "unknown"
+    return None
 
 
-def release_hold(state: StateStore) -> bool:
-    if held(state) is None:
-        return False
-    state.delete_meta(HOLD_KEY)
-    return True
+def set_hold(state: StateStore, config: Config | None = None) -> None:
+    since = held(state, config)
+    if since is None or since.startswith("unknown"):
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if config is not None:
+        # The markers first: they are what survives a lost state directory.
+        for marker in hold_markers(config):
+            _write_durably(
+                marker,
+                f"{since}\nSet by `gighive-media migrate --to-local`: nothing is evicted until the forward "
+                "`gighive-media migrate` runs again. Do not delete this file by hand.\n",
+            )
+    if state.get_meta(HOLD_KEY) != since:
+        state.set_meta(HOLD_KEY, since, durable=True)
+
+
+def release_hold(state: StateStore, config: Config | None = None) -> bool:
+    was = held(state, config) is not None
+    if state.get_meta(HOLD_KEY) is not None:
+        state.delete_meta(HOLD_KEY)
+    if config is not None:
+        for marker in hold_markers(config):
+            try:
+                marker.unlink()
+            except FileNotFoundError:
+                continue
+            _fsync_dir(marker.parent)
+    return was
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 # ---- deleting a local file -------------------------------------------------------------------

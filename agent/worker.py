@@ -110,7 +110,7 @@ class Worker:
         self.policy = EvictionPolicy(config, pointer_db, self._db_lock)
         # `migrate --to-local` ran: no eviction, no pointer to Blob. Only a run holding the queue
         # lock changes it, so it cannot change under this run except through this object.
-        self.hold = safety.held(state)
+        self.hold = safety.held(state, config)
         self._outage_cleared = False
 
     def recover(self) -> int:

@@ -225,7 +225,7 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
     started = time.monotonic()
     names = [r.name for r in roots]
     with queue_worker(config, wait_for_lock=True) as worker:
-        if safety.release_hold(worker.state):
+        if safety.release_hold(worker.state, config):
             # The operator moves forward again after a `--to-local`: eviction and pointer flips resume.
             worker.hold = None
             log.info("the eviction hold set by `migrate --to-local` is lifted")

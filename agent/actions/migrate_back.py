@@ -219,8 +219,8 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
     with queue_worker(config, wait_for_lock=True) as worker:
         state, store, db = worker.state, worker.store, worker.pointer_db
         # Durable before the first byte moves: whatever happens next, no run evicts again.
-        safety.set_hold(state)
-        worker.hold = safety.held(state)
+        safety.set_hold(state, config)
+        worker.hold = safety.held(state, config)
         worker.notifier.ready("migrate --to-local")
         try:
             found = survey(config, names, store, state, db)
@@ -359,7 +359,7 @@ def check(config: Config, names: list[str]) -> tuple[dict[str, object], int]:
             return {"safe": False, "reasons": [f"cannot list the container: {e}"]}, EXIT_UNAVAILABLE
         except PointerUnavailable as e:
             return {"safe": False, "reasons": [f"cannot read the DB: {e}"]}, EXIT_UNAVAILABLE
-        hold = safety.held(state) if state is not None else None
+        hold = safety.held(state, config)
     finally:
         if state is not None:
             state.close()

@@ -23,6 +23,8 @@ def run(config: Config, limit: int = 50) -> dict[str, object]:
     state = StateStore.open_readonly(config.state_dir)
     if state is None:
         result.update(counts={}, attention=[], failing=[], pointer={}, note="no upload has run yet")
+        # A lost state directory does not lose the hold: its markers live in the media roots.
+        result["local_hold"] = safety.held(None, config)
         return result
     try:
         result["counts"] = state.counts()
@@ -34,7 +36,7 @@ def run(config: Config, limit: int = 50) -> dict[str, object]:
             {"blob_name": r.blob_name, "error": r.pointer_error} for r in state.pointer_pending()[:limit]
         ]
         result["outage"] = _outage(state)
-        result["local_hold"] = safety.held(state)
+        result["local_hold"] = safety.held(state, config)
         deletions = state.deletions()
         result["soft_deleted"] = [
             {

@@ -210,6 +210,32 @@ def test_after_the_way_back_no_run_evicts_or_points_at_blob_until_migrate(
     assert not h.cli_json("status")["local_hold"]
 
 
+def test_the_hold_survives_a_lost_state_directory(db_harness: Harness, media_roots, media_db) -> None:
+    h = db_harness
+    h.write_config(DELETE_LOCAL_AFTER_UPLOAD="true")
+    files = build_library(media_roots, small=4, large=0)
+    add_assets(media_db, files)
+    h.cli("upload", "--no-watch", check=True)
+    h.cli("migrate", "--to-local", "--no-progress", check=True)
+    assert evicted_names(files, media_roots) == []
+    # The host is rebuilt, or the state restored from before the way back: the state is gone.
+    shutil.rmtree(h.state_dir)
+    since = h.cli_json("status")["local_hold"]
+    assert since, "the hold was lost with the state directory"
+    for _ in range(2):
+        h.cli("upload", "--no-watch", check=True)
+        h.cli("retry", check=True)
+    assert evicted_names(files, media_roots) == []
+    assert {row[0] for row in pointer_rows(media_db).values()} == {"local"}
+    assert h.cli_json("status")["local_hold"] == since
+    # Only the forward migrate lifts it, everywhere.
+    h.cli("migrate", "--no-progress", check=True)
+    assert not h.cli_json("status")["local_hold"]
+    assert not any(p.name == ".gighive-media-agent-local-hold" for p in h.tmp.rglob(".*"))
+    h.cli("retry", check=True)
+    assert evicted_names(files, media_roots)
+
+
 # ---- eviction itself ----------------------------------------------------------------------------------
 
 

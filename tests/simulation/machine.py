@@ -172,7 +172,9 @@ class Simulation(RuleBasedStateMachine):
         if thumb is not None:
             self._write_atomic(item.thumb_name, thumb)
             self.wanted[item.thumb_name] = thumb
-            self.deleted.discard(item.thumb_name)
+        # A video added again claims its thumbnail's name again (GigHive makes it from the same
+        # bytes): the agent bringing back the old one under that name is no deleted file coming back.
+        self.deleted.discard(item.thumb_name)
         self.w.insert_asset(item.root, item.sha, item.ext, len(item.data))
         self.assets.add((item.root, item.sha))
 
@@ -534,9 +536,8 @@ class Simulation(RuleBasedStateMachine):
                 "not_served", f"{name}: on {'disk' if local == data else 'Blob'}, but GET answered {status}"
             )
         if self.hold:
-            # Told apart: a hold kept only in state.sqlite3 is gone with a lost state directory;
-            # whether that must still hold is the design's call (the issue says nothing evicts
-            # until the operator turns eviction back on).
+            # Told apart to show which witness failed: the hold lives in the state and in a
+            # marker in every media root, so a lost state directory must not lift it either.
             kind = "evicted_during_local_hold" + ("_after_state_loss" if self.state_lost_in_hold else "")
             for name in sorted((self.local_before & set(self.wanted)) - local_now):
                 raise Violation(kind, f"{name} left local disk after a complete --to-local")
