@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --to-local: say whether switching the backend to local is safe now, from every witness "
         "(state, container listing, DB pointers, assets); changes nothing; exit 0 safe, 1 not safe, 69 unavailable",
     )
+    p.add_argument(
+        "--include-unlisted",
+        action="store_true",
+        help="with --to-local: also restore files that GigHive's assets table has no row for although the agent "
+        "never saw them deleted (after a lost state, or a cleared table refilled in part)",
+    )
     p.add_argument("--root", action="append", default=[], metavar="NAME", help="only this media root (repeatable)")
     p.add_argument("--limit", type=_positive_int, metavar="N", help="process at most N files in this run")
     p.add_argument(
@@ -218,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("reconcile --prune-orphans deletes blobs: add --yes to confirm (try --dry-run first)")
     if args.command == "migrate" and args.to_local and args.evict_local:
         parser.error("migrate: --to-local and --evict-local contradict each other")
+    if args.command == "migrate" and args.include_unlisted and not args.to_local:
+        parser.error("migrate: --include-unlisted goes with --to-local")
     if args.command == "migrate" and args.check and not args.to_local:
         parser.error("migrate: --check goes with --to-local (is switching the backend to local safe?)")
     as_json = getattr(args, "json", False)
@@ -304,6 +312,7 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
             dry_run=args.dry_run,
             to_local=args.to_local,
             check=args.check,
+            include_unlisted=args.include_unlisted,
             roots=tuple(args.root),
             limit=args.limit,
             concurrency=args.concurrency,

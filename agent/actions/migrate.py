@@ -40,6 +40,7 @@ class Options:
     dry_run: bool = False
     to_local: bool = False
     check: bool = False  # with to_local: is switching the backend to local safe? (changes nothing)
+    include_unlisted: bool = False  # with to_local: also restore blobs no assets row claims (see migrate_back)
     roots: tuple[str, ...] = ()
     limit: int | None = None
     concurrency: int | None = None

@@ -5,8 +5,11 @@ host or a restore can lose): the container listing with each blob's own metadata
 state, the DB pointers and GigHive's `assets`. A blob with no local file comes back when any of
 them claims it (an `evicted` row, a pointer to Blob, an `assets` row); when `assets` cannot be
 trusted (empty, missing, suddenly shrunk) every such blob comes back, because restoring too
-much loses nothing. Only a blob whose asset GigHive deleted, seen in a whole `assets` table,
-stays in Blob alone.
+much loses nothing. Only a blob whose delete the agent saw stays in Blob alone: it remembered the
+asset's row, and the row is gone from a whole table (or the delete is already recorded, agent.deletes).
+A blob that a whole-looking table leaves out, but whose row the agent never saw go (the state was
+lost, or an import refilled a TRUNCATEd table only in part), is "unlisted": it is not restored
+unless the operator says so (`--include-unlisted`), and while it is there local is not safe.
 
 Each file is downloaded and verified (agent.restore), pointers are flipped to `local`, and a
 durable hold is set first: from then on no run evicts or points the DB at Blob again until the
@@ -32,7 +35,7 @@ from ..context import queue_worker
 from ..errors import EXIT_CANTCREAT, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AgentError
 from ..inventory import list_roots
 from ..media import media_file_for_blob
-from ..pointer import Location, PointerDB, PointerUnavailable
+from ..pointer import Location, PointerDB, PointerUnavailable, asset_key
 from ..progress import Progress, human_bytes
 from ..restore import RestoreFailed, restore
 from ..state import FileRecord, StateStore
@@ -74,7 +77,8 @@ class Survey:
 
     missing: list[Wanted] = field(default_factory=list)  # claimed, no local file
     differs: list[str] = field(default_factory=list)  # a local file that is not the blob's content
-    left_in_blob: list[str] = field(default_factory=list)  # GigHive deleted the asset (whole assets table)
+    left_in_blob: list[str] = field(default_factory=list)  # GigHive deleted the asset, and the agent saw it go
+    unlisted: list[str] = field(default_factory=list)  # no `assets` row, but no delete was ever seen either
     unverifiable: list[str] = field(default_factory=list)  # a blob whose metadata cannot prove its content
     pointers_to_blob: list[str] = field(default_factory=list)  # DB rows that still say azure_blob
     assets_problem: str | None = None
@@ -87,6 +91,7 @@ def survey(
     store: AzureBlobStore,
     state: StateStore | None,
     db: PointerDB | None,
+    include_unlisted: bool = False,
 ) -> Survey:
     """Raises StoreUnavailable / PointerUnavailable when a witness cannot be read."""
     listing = list_roots(store, names)
@@ -98,6 +103,11 @@ def survey(
     out = Survey(assets_problem=assets.problem)
     # Soft-deleted blobs of assets GigHive deleted (agent.deletes) do not come back.
     deleted = {r["blob_name"] for r in state.deletions()} if state is not None else set()
+    # Deletes the agent can vouch for (agent.deletes' own inference, made read-only here): rows
+    # it saw in `assets` before, gone now from a table it trusts.
+    gone: set = set()
+    if assets.keys is not None and state is not None:
+        gone = state.assets_seen() - assets.keys
 
     candidates: set[str] = set(listing)
     candidates.update(n for n, r in records.items() if r.state in ("uploaded", "evicted"))
@@ -120,9 +130,17 @@ def survey(
             if blob is not None and not _local_matches(mf.path, st, blob, rec, out):
                 out.differs.append(name)
             continue
-        if why is None or name in deleted:
+        if name in deleted:
             out.left_in_blob.append(name)
             continue
+        if why is None:
+            if asset_key(mf) in gone:
+                out.left_in_blob.append(name)
+                continue
+            if not include_unlisted:
+                out.unlisted.append(name)
+                continue
+            why = "the operator (--include-unlisted): GigHive's assets table has no row for it"
         sha, size = _expected(rec, blob, mf.expected_sha256)
         if sha is None or size is None:
             out.unverifiable.append(name)
@@ -137,7 +155,6 @@ def _claimed_by(rec: FileRecord | None, loc: Location | None, assets: safety.Ass
     A whole `assets` table without the asset's row, with its local file gone, is GigHive's delete
     (agent.deletes): the file stays in Blob only, whatever older records say. A table that cannot
     be trusted says nothing, and then every other witness counts."""
-    from ..pointer import asset_key
 
     key = asset_key(mf)
     if assets.keys is not None and key is not None:
@@ -223,7 +240,7 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
         worker.hold = safety.held(state, config)
         worker.notifier.ready("migrate --to-local")
         try:
-            found = survey(config, names, store, state, db)
+            found = survey(config, names, store, state, db, getattr(opts, "include_unlisted", False))
         except StoreUnavailable as e:
             return {"to_local": True, "error": "unavailable", "message": str(e)}, EXIT_UNAVAILABLE
         except PointerUnavailable as e:
@@ -289,6 +306,8 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
         "errors": failures[:50],
         "left_in_blob": found.left_in_blob[:50],
         "left_in_blob_count": len(found.left_in_blob),
+        "unlisted": found.unlisted[:50],
+        "unlisted_count": len(found.unlisted),
         "still_only_in_blob": len(found.missing) - restored,
         "complete": bool(verdict.get("safe")) and not failures and outage is None,
         "safe": bool(verdict.get("safe")),
@@ -368,14 +387,23 @@ def check(config: Config, names: list[str]) -> tuple[dict[str, object], int]:
     if found.missing:
         examples = ", ".join(w.name for w in found.missing[:3])
         reasons.append(f"{len(found.missing)} file(s) exist only in Blob (e.g. {examples}): run migrate --to-local")
+    if found.unlisted:
+        reasons.append(
+            f"{len(found.unlisted)} file(s) exist only in Blob and GigHive's assets table has no row for them, "
+            f"but the agent never saw them deleted (e.g. {', '.join(found.unlisted[:3])}); the state may have "
+            "been lost, or an import refilled a cleared table only in part. Restore them with "
+            "`gighive-media migrate --to-local --include-unlisted` (delete them in GigHive afterwards if "
+            "they really are gone)"
+        )
     if found.unverifiable:
         reasons.append(f"{len(found.unverifiable)} blob(s) without a local file cannot be verified (no sha256)")
     if found.differs:
         reasons.append(f"{len(found.differs)} local file(s) differ from their blob (e.g. {found.differs[0]})")
-    if found.pointers_to_blob and not found.missing:
-        reasons.append(
-            f"{len(found.pointers_to_blob)} DB pointer(s) still say azure_blob: run migrate --to-local to flip them"
-        )
+    # The row of an asset GigHive deleted still says azure_blob (GigHive never touches our table);
+    # nothing reads it, and its blob stays until the purge, which drops the row too.
+    pointing = [n for n in found.pointers_to_blob if n not in set(found.left_in_blob)]
+    if pointing and not found.missing:
+        reasons.append(f"{len(pointing)} DB pointer(s) still say azure_blob: run migrate --to-local to flip them")
     result: dict[str, object] = {
         "to_local": True,
         "check": True,
@@ -383,6 +411,7 @@ def check(config: Config, names: list[str]) -> tuple[dict[str, object], int]:
         "reasons": reasons,
         "only_in_blob": len(found.missing),
         "left_in_blob": len(found.left_in_blob),
+        "unlisted": len(found.unlisted),
         "assets_problem": found.assets_problem,
         "hold": hold,
         "local_files_hashed": found.hashed,
@@ -423,6 +452,7 @@ def plan(config: Config, names: list[str], limit: int | None) -> tuple[dict[str,
         "evicted": len(wanted),
         "bytes": sum(w.size for w in wanted),
         "left_in_blob": len(found.left_in_blob),
+        "unlisted": len(found.unlisted),
         "unverifiable": len(found.unverifiable),
         "assets_problem": found.assets_problem,
         "space_problem": space_problem,
@@ -476,6 +506,11 @@ def render(result: dict[str, object]) -> str:
     )
     if result.get("left_in_blob_count"):
         text += f"\n  {result['left_in_blob_count']} blob(s) left in Blob: GigHive deleted their assets"
+    if result.get("unlisted_count"):
+        text += (
+            f"\n  {result['unlisted_count']} blob(s) not restored: no assets row, but no delete seen either "
+            "(--include-unlisted restores them)"
+        )
     if result["complete"]:
         return text + "\nevery file is local again: MEDIA_STORAGE_BACKEND=local is now safe"
     reasons = "\n".join(f"  - {r}" for r in result.get("reasons") or [])  # type: ignore[union-attr]

@@ -156,6 +156,46 @@ def test_the_way_back_with_the_state_lost_and_assets_emptied_still_restores_ever
         assert local_path(media_roots, name).read_bytes() == data, name
 
 
+def test_the_way_back_never_calls_a_partly_refilled_assets_table_complete(
+    db_harness: Harness, media_roots, media_db
+) -> None:
+    """Found by the long simulation (seed 7000): a TRUNCATE, an import that put back only some rows,
+    and a lost state. The table looks whole, yet the agent never saw the other rows go: those
+    files are not restored on its word, and local is not called safe while they are only in Blob."""
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db)
+    gone = evicted_media(files, media_roots)
+    assert len(gone) >= 2
+    shutil.rmtree(h.state_dir)
+    db_exec(media_db, "TRUNCATE TABLE assets")
+    kept = [n for n in files if n.count("/") == 1 and n not in gone[1:]]
+    add_assets(media_db, kept)  # the import brings back the first evicted file's row and local ones
+    r = h.cli_json("migrate", "--to-local", "--no-progress")
+    assert r["complete"] is False and r["unlisted_count"] >= len(gone) - 1, r
+    assert any("--include-unlisted" in reason for reason in r["reasons"]), r
+    assert local_path(media_roots, gone[0]).read_bytes() == files[gone[0]]
+    p = h.cli("migrate", "--to-local", "--check", "--json")
+    assert p.returncode == 1 and json.loads(p.stdout)["unlisted"] >= len(gone) - 1, p.stdout
+    r = h.cli_json("migrate", "--to-local", "--include-unlisted", "--no-progress")
+    assert r["complete"] is True, r
+    for name, data in files.items():
+        assert local_path(media_roots, name).read_bytes() == data, name
+
+
+def test_the_way_back_leaves_a_delete_it_saw_in_blob_and_still_calls_local_safe(
+    db_harness: Harness, media_roots, media_db
+) -> None:
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db)
+    gone = evicted_media(files, media_roots)
+    h.cli("retry", check=True)  # the agent reads `assets` whole and remembers its rows
+    sha, ext = gone[0].split("/", 1)[1].split(".")
+    db_exec(media_db, f"DELETE FROM assets WHERE checksum_sha256 = '{sha}'")  # GigHive's admin delete
+    r = h.cli_json("migrate", "--to-local", "--no-progress")
+    assert r["complete"] is True and gone[0] in r["left_in_blob"] and r["unlisted_count"] == 0, json.dumps(r)
+    assert not local_path(media_roots, gone[0]).exists()
+
+
 def test_reconcile_rebuilds_a_lost_state_from_the_container(db_harness: Harness, media_roots, media_db) -> None:
     h = db_harness
     files = evicted_library(h, media_roots, media_db)
