@@ -15,7 +15,7 @@ from tests.integration.agent_harness import (
     blob_names,
     container_client,
 )
-from tests.support.media import make_content_addressed, make_thumbnail
+from tests.support.media import make_content_addressed, make_thumbnail, pseudo_random_bytes
 
 
 def library(roots, large: int = 1_300_000):
@@ -410,7 +410,10 @@ def test_an_outage_costs_no_attempt_and_stops_the_run(private_harness, media_roo
 
 
 def test_recently_modified_file_waits_to_settle(harness, blob_container, media_roots):
-    make_content_addressed(media_roots["audio"], 3000, "mp3", seed=500)
+    # Written in place, as a copy or a zip import does: nothing says it is complete yet (a file
+    # renamed into place is, see agent/arrival.py and tests/integration/test_watch_arrival.py).
+    data = pseudo_random_bytes(3000, seed=500)
+    (media_roots["audio"] / f"{hashlib.sha256(data).hexdigest()}.mp3").write_bytes(data)
     result = upload.run(harness.config(UPLOAD_SETTLE_SECONDS="600"), watch=False)
     assert result["deferred"] == 1 and result["uploaded"] == 0
     assert blob_names(blob_container) == set()
