@@ -254,6 +254,7 @@ class Worker:
             self._fail(rec, f"cannot stat {mf.path}: {e.strerror}", report, fields)
             return report
         settled_at = st.st_mtime + self.config.settle_seconds
+        early = False
         if st.st_mtime > time.time() + FUTURE_MTIME_SLACK:
             # Its age says nothing then, and waiting for the clock to catch up could take days; a
             # file still being written is caught anyway: the upload rejects one that changes while read.
@@ -263,7 +264,7 @@ class Worker:
                 st.st_mtime - time.time(),
                 extra={"fields": fields},
             )
-        elif settled_at > time.time() and not self.arrivals.complete(rec.blob_name, st):
+        elif settled_at > time.time() and not (early := self.arrivals.take(rec.blob_name, st)):
             self.state.defer(rec.blob_name, settled_at, "waiting for the file to settle (recently modified)")
             report.deferred += 1
             return report
@@ -273,6 +274,10 @@ class Worker:
             listed = self.listing.get(rec.blob_name) if self.listing is not None else None
             result = self.transfer.upload(mf, listed)
         except ContentMismatch as e:
+            if early:  # read before it settled (agent/arrival.py): it may still be being written
+                self.state.defer(rec.blob_name, settled_at, "does not match its name yet; waiting for it to settle")
+                report.deferred += 1
+                return report
             self.state.mark_quarantined(rec.blob_name, f"local corruption: {e}", sha256=e.actual)
             report.quarantined += 1
             report.errors.append({"blob_name": rec.blob_name, "error": str(e)})

@@ -410,10 +410,9 @@ def test_an_outage_costs_no_attempt_and_stops_the_run(private_harness, media_roo
 
 
 def test_recently_modified_file_waits_to_settle(harness, blob_container, media_roots):
-    # Written in place, as a copy or a zip import does: nothing says it is complete yet (a file
-    # renamed into place is, see agent/arrival.py and tests/integration/test_watch_arrival.py).
-    data = pseudo_random_bytes(3000, seed=500)
-    (media_roots["audio"] / f"{hashlib.sha256(data).hexdigest()}.mp3").write_bytes(data)
+    # Written in place under a name that promises no hash: nothing says it is complete yet (a
+    # content address or a rename into place does: agent/arrival.py, tests/integration/test_watch_arrival.py).
+    (media_roots["thumbnails"] / f"{'5' * 64}.png").write_bytes(pseudo_random_bytes(3000, seed=500))
     result = upload.run(harness.config(UPLOAD_SETTLE_SECONDS="600"), watch=False)
     assert result["deferred"] == 1 and result["uploaded"] == 0
     assert blob_names(blob_container) == set()
