@@ -273,7 +273,8 @@ def render(report: dict) -> str:
         f"- after: agent/ of this tree ({report['after']})",
         "",
         "| case | size | variant | pointer written, median s (min-max) | blob verified, median s "
-        "| of which: service started / run's start / transfer, median s | after / before |",
+        "| of which, median s: service process started / run's start and settle wait / transfer "
+        "| after / before |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, row in report["summary"].items():
@@ -291,7 +292,17 @@ def render(report: dict) -> str:
                 f"{s.get('process_started_median_s', '-')} / {s.get('agent_start_median_s', '-')} / "
                 f"{s['transfer_median_s']} | {ratio} |"
             )
-    lines += ["", f"Raw samples: {report['json_name']}.", ""]
+    lines += [
+        "",
+        "Times are from the moment the file is complete in the root (just after the rename, or the "
+        "writer's close for in place). The split is for cold runs only: when systemd started the "
+        "service's process, then what the run spent before its transfer began (interpreter, imports, "
+        "state, clients, scan, and any settle wait), then the transfer the agent logs (read, hash, Put, "
+        "verify). The pointer follows the verified blob by milliseconds.",
+        "",
+        f"Raw samples: {report['json_name']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
