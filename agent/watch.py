@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from inotify_simple import INotify
 from inotify_simple import flags as F
@@ -18,6 +19,12 @@ from .config import Config
 log = logging.getLogger(__name__)
 
 _DIR_MASK = F.CLOSE_WRITE | F.MOVED_TO | F.CREATE | F.DELETE_SELF | F.MOVE_SELF | F.ATTRIB
+
+
+class Events(NamedTuple):
+    files: set[Path]  # written (closed after writing), moved in, or their mode/owner changed
+    new_dirs: set[Path]
+    renamed_in: set[Path]  # of files: moved into place and not written since (agent/arrival.py)
 
 
 class RootWatcher:
@@ -54,10 +61,11 @@ class RootWatcher:
                 continue
         return added
 
-    def read(self, timeout_s: float) -> tuple[set[Path], set[Path]]:
-        """Wait up to timeout_s; returns (files that were written or moved in, new directories)."""
+    def read(self, timeout_s: float) -> Events:
+        """Wait up to timeout_s for events; returns what they named."""
         files: set[Path] = set()
         new_dirs: set[Path] = set()
+        renamed_in: set[Path] = set()
         for event in self.inotify.read(timeout=max(0, int(timeout_s * 1000))):
             if event.mask & F.Q_OVERFLOW:
                 self.overflowed = True
@@ -75,4 +83,9 @@ class RootWatcher:
                 continue
             if event.mask & (F.CLOSE_WRITE | F.MOVED_TO | F.ATTRIB):
                 files.add(path)
-        return files, new_dirs
+            # Events come in order: a file written again after its rename is not complete.
+            if event.mask & F.MOVED_TO:
+                renamed_in.add(path)
+            elif event.mask & F.CLOSE_WRITE:
+                renamed_in.discard(path)
+        return Events(files, new_dirs, renamed_in)

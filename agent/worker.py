@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import interrupts, safety
+from .arrival import Arrivals
 from .config import Config
 from .errors import ContentMismatch, FileRejected, Interrupted, StateError, VerificationFailed
 from .eviction_policy import EvictionPolicy
@@ -112,6 +113,7 @@ class Worker:
         # lock changes it, so it cannot change under this run except through this object.
         self.hold = safety.held(state, config)
         self._outage_cleared = False
+        self.arrivals = Arrivals(config.settle_seconds)
 
     def recover(self) -> int:
         """Settle what a killed run left half-done: interrupted evictions first (agent.safety)."""
@@ -140,8 +142,8 @@ class Worker:
                 self._observe(found, st, report, None)
         return report
 
-    def enqueue_path(self, path: Path) -> bool:
-        """A file an inotify event named; True if it became (or stayed) queued."""
+    def enqueue_path(self, path: Path, renamed_in: bool = False) -> bool:
+        """A file an inotify event named (renamed_in: IN_MOVED_TO); True if it became (or stayed) queued."""
         mf = media_file_for_path(self.config, path)
         if mf is None or name_problem(mf.relpath):
             return False
@@ -154,14 +156,13 @@ class Worker:
             log.warning("skipping %s: %s", path, kind, extra={"fields": {"path": str(path)}})
             return False
         report = ScanReport()
-        self._observe(mf, st, report, None)
+        self._observe(mf, st, report, None, renamed_in)
         return bool(report.new or report.changed)
 
-    def _observe(self, mf: MediaFile, st: os.stat_result, report: ScanReport, known) -> None:
+    def _observe(self, mf: MediaFile, st: os.stat_result, report: ScanReport, known, renamed_in: bool = False) -> None:
         if known is not None and known.get(mf.blob_name) == (st.st_size, st.st_mtime_ns, st.st_ino):
             return
-        # A future mtime (clock stepped back, skewed NFS server) must not schedule the file days ahead.
-        not_before = min(st.st_mtime, time.time()) + self.config.settle_seconds
+        not_before = self.arrivals.observed(mf, st, renamed_in)
         verdict = self.state.observe(mf.blob_name, mf.root.name, str(mf.path), st, not_before)
         if verdict == "new":
             report.new += 1
@@ -253,6 +254,7 @@ class Worker:
             self._fail(rec, f"cannot stat {mf.path}: {e.strerror}", report, fields)
             return report
         settled_at = st.st_mtime + self.config.settle_seconds
+        early = False
         if st.st_mtime > time.time() + FUTURE_MTIME_SLACK:
             # Its age says nothing then, and waiting for the clock to catch up could take days; a
             # file still being written is caught anyway: the upload rejects one that changes while read.
@@ -262,7 +264,7 @@ class Worker:
                 st.st_mtime - time.time(),
                 extra={"fields": fields},
             )
-        elif settled_at > time.time():
+        elif settled_at > time.time() and not (early := self.arrivals.take(rec.blob_name, st)):
             self.state.defer(rec.blob_name, settled_at, "waiting for the file to settle (recently modified)")
             report.deferred += 1
             return report
@@ -272,6 +274,10 @@ class Worker:
             listed = self.listing.get(rec.blob_name) if self.listing is not None else None
             result = self.transfer.upload(mf, listed)
         except ContentMismatch as e:
+            if early:  # read before it settled (agent/arrival.py): it may still be being written
+                self.state.defer(rec.blob_name, settled_at, "does not match its name yet; waiting for it to settle")
+                report.deferred += 1
+                return report
             self.state.mark_quarantined(rec.blob_name, f"local corruption: {e}", sha256=e.actual)
             report.quarantined += 1
             report.errors.append({"blob_name": rec.blob_name, "error": str(e)})

@@ -15,7 +15,7 @@ from tests.integration.agent_harness import (
     blob_names,
     container_client,
 )
-from tests.support.media import make_content_addressed, make_thumbnail
+from tests.support.media import make_content_addressed, make_thumbnail, pseudo_random_bytes
 
 
 def library(roots, large: int = 1_300_000):
@@ -410,7 +410,9 @@ def test_an_outage_costs_no_attempt_and_stops_the_run(private_harness, media_roo
 
 
 def test_recently_modified_file_waits_to_settle(harness, blob_container, media_roots):
-    make_content_addressed(media_roots["audio"], 3000, "mp3", seed=500)
+    # Written in place under a name that promises no hash: nothing says it is complete yet (a
+    # content address or a rename into place does: agent/arrival.py, tests/integration/test_watch_arrival.py).
+    (media_roots["thumbnails"] / f"{'5' * 64}.png").write_bytes(pseudo_random_bytes(3000, seed=500))
     result = upload.run(harness.config(UPLOAD_SETTLE_SECONDS="600"), watch=False)
     assert result["deferred"] == 1 and result["uploaded"] == 0
     assert blob_names(blob_container) == set()
