@@ -112,6 +112,16 @@ def make_library(root: Path, files: int, large: int, seed: int) -> dict[str, int
     return sizes
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def step(name: str, argv: list[str], env: dict[str, str], work: Path, azurite: Azurite) -> dict[str, object]:
     az0, busy0 = process_cpu_s(azurite.pid), machine_busy_s()
     u = measure(argv, env, work / f"{name}.log")
@@ -184,8 +194,18 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=6)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gighive-migrate-bench")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "migrate")
+    ap.add_argument("--dry-run-reps", type=int, default=1, help="times each full-container dry run is measured")
+    ap.add_argument("--no-peer", action="store_true", help="skip the side-by-side with rclone on the subset")
+    ap.add_argument(
+        "--hold-after-migrate",
+        type=Path,
+        metavar="PATH",
+        help="after the whole-library migration, wait until PATH exists before the dry runs (to measure a "
+        "changed agent against the same populated container without another hour of uploads)",
+    )
     args = ap.parse_args()
 
+    load_at_start = os.getloadavg()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
@@ -231,7 +251,23 @@ def main() -> int:
         add("dry-run (empty container)", [*agent, "--json", "migrate", "--dry-run"], env)
         add("agent migrate (whole library)", [*agent, "--json", "migrate", "--no-progress"], env)
         check(service, "agent", sizes)
-        add("dry-run (every file in Blob)", [*agent, "--json", "migrate", "--dry-run"], env)
+        if args.hold_after_migrate is not None:
+            print(f"holding until {args.hold_after_migrate} exists", flush=True)
+            while not args.hold_after_migrate.exists():
+                time.sleep(5)
+        for rep in range(args.dry_run_reps):
+            tag = f" #{rep + 1}" if args.dry_run_reps > 1 else ""
+            add(f"dry-run (every file in Blob){tag}", [*agent, "--json", "migrate", "--dry-run"], env)
+        # The same dry run when the agent's state is lost or rebuilt (here: a new, empty state
+        # directory): it cannot trust anything it did not see, so it lists the container.
+        lost = agent_config(run / "agent-lost.env", azurite, db, "agent", library, run / "state-lost", args.concurrency)
+        for rep in range(args.dry_run_reps):
+            tag = f" #{rep + 1}" if args.dry_run_reps > 1 else ""
+            add(
+                f"dry-run (every file in Blob, state lost){tag}",
+                [exe, "--config", str(lost), "--json", "migrate", "--dry-run"],
+                env,
+            )
         add(
             "rclone lsf -R of that container (listing peer)",
             [rclone, "lsf", "-R", "--files-only", ":azureblob:agent"],
@@ -240,33 +276,34 @@ def main() -> int:
         add("agent migrate again (nothing to do)", [*agent, "--json", "migrate", "--no-progress"], env)
         add("verify --all", [*agent, "--json", "verify", "--all", "--no-progress"], env)
 
-        subset = make_subset(library, run / "subset", sizes, args.peer_files)
-        sub = agent_config(
-            run / "agent-subset.env",
-            azurite,
-            db,
-            "agent-subset",
-            run / "subset",
-            run / "state-subset",
-            args.concurrency,
-        )
-        add("side by side: agent migrate", [exe, "--config", str(sub), "--json", "migrate", "--no-progress"], env)
-        check(service, "agent-subset", subset)
-        add(
-            "side by side: rclone copy",
-            [
-                rclone,
-                "copy",
-                str(run / "subset"),
-                ":azureblob:rclone-subset",
-                "--transfers",
-                str(args.concurrency),
-                "--checkers",
-                str(args.concurrency),
-            ],
-            renv,
-        )
-        check(service, "rclone-subset", subset)
+        if not args.no_peer:
+            subset = make_subset(library, run / "subset", sizes, args.peer_files)
+            sub = agent_config(
+                run / "agent-subset.env",
+                azurite,
+                db,
+                "agent-subset",
+                run / "subset",
+                run / "state-subset",
+                args.concurrency,
+            )
+            add("side by side: agent migrate", [exe, "--config", str(sub), "--json", "migrate", "--no-progress"], env)
+            check(service, "agent-subset", subset)
+            add(
+                "side by side: rclone copy",
+                [
+                    rclone,
+                    "copy",
+                    str(run / "subset"),
+                    ":azureblob:rclone-subset",
+                    "--transfers",
+                    str(args.concurrency),
+                    "--checkers",
+                    str(args.concurrency),
+                ],
+                renv,
+            )
+            check(service, "rclone-subset", subset)
     finally:
         azurite.stop()
         db.stop()
@@ -274,29 +311,49 @@ def main() -> int:
     total = sum(sizes.values())
     by = {r["step"]: r for r in results}
     full_s = float(by["agent migrate (whole library)"]["wall_s"])  # type: ignore[arg-type]
-    agent_s = float(by["side by side: agent migrate"]["wall_s"])  # type: ignore[arg-type]
-    rclone_s = float(by["side by side: rclone copy"]["wall_s"])  # type: ignore[arg-type]
-    sub_n, sub_bytes = len(subset), sum(subset.values())
-    summary = {
+    summary: dict[str, object] = {
         "files": len(sizes),
         "bytes": total,
         "concurrency": args.concurrency,
         "whole_library_agent_files_per_s": round(len(sizes) / full_s, 1),
         "whole_library_agent_mb_per_s": round(total / 1e6 / full_s, 2),
-        "subset_files": sub_n,
-        "subset_bytes": sub_bytes,
-        "agent_files_per_s": round(sub_n / agent_s, 1),
-        "rclone_files_per_s": round(sub_n / rclone_s, 1),
-        "agent_mb_per_s": round(sub_bytes / 1e6 / agent_s, 2),
-        "rclone_mb_per_s": round(sub_bytes / 1e6 / rclone_s, 2),
-        "files_per_s_ratio_agent_over_rclone": round(rclone_s / agent_s, 2),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "load_at_start": list(load_at_start),
+        },
         "steps": results,
     }
+    peer_lines: list[str] = []
+    if not args.no_peer:
+        agent_s = float(by["side by side: agent migrate"]["wall_s"])  # type: ignore[arg-type]
+        rclone_s = float(by["side by side: rclone copy"]["wall_s"])  # type: ignore[arg-type]
+        sub_n, sub_bytes = len(subset), sum(subset.values())
+        summary.update(
+            subset_files=sub_n,
+            subset_bytes=sub_bytes,
+            agent_files_per_s=round(sub_n / agent_s, 1),
+            rclone_files_per_s=round(sub_n / rclone_s, 1),
+            agent_mb_per_s=round(sub_bytes / 1e6 / agent_s, 2),
+            rclone_mb_per_s=round(sub_bytes / 1e6 / rclone_s, 2),
+            files_per_s_ratio_agent_over_rclone=round(rclone_s / agent_s, 2),
+        )
+        peer_lines = [
+            "",
+            f"side by side on {sub_n:,} files ({sub_bytes / MiB:,.0f} MiB): agent {summary['agent_files_per_s']} "
+            f"files/s ({summary['agent_mb_per_s']} MB/s), rclone {summary['rclone_files_per_s']} files/s "
+            f"({summary['rclone_mb_per_s']} MB/s): agent/rclone files per second = "
+            f"{summary['files_per_s_ratio_agent_over_rclone']}",
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [
         f"# migrate benchmark: {len(sizes):,} files, {total / MiB:,.0f} MiB, concurrency {args.concurrency}",
+        "",
+        f"machine: {os.cpu_count()} CPUs ({cpu_model()}), load average at start {load_at_start[0]:.2f}, "
+        f"Python {platform.python_version()}",
         "",
         "| step | wall s | CPU s | peak RSS MiB | Azurite CPU s | other CPU s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -308,11 +365,7 @@ def main() -> int:
         "",
         f"whole library: agent {summary['whole_library_agent_files_per_s']} files/s "
         f"({summary['whole_library_agent_mb_per_s']} MB/s)",
-        "",
-        f"side by side on {sub_n:,} files ({sub_bytes / MiB:,.0f} MiB): agent {summary['agent_files_per_s']} files/s "
-        f"({summary['agent_mb_per_s']} MB/s), rclone {summary['rclone_files_per_s']} files/s "
-        f"({summary['rclone_mb_per_s']} MB/s): agent/rclone files per second = "
-        f"{summary['files_per_s_ratio_agent_over_rclone']}",
+        *peer_lines,
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
