@@ -6,7 +6,9 @@ there, against one Azurite through tests/faults/faultproxy.py, and signals it on
 is there): a rate-limit wait (`migrate --bwlimit 128K`), a slow link (64 KiB/s, a Put Block on the
 wire), files smaller than a block (one Put Blob on a 32 KiB/s link), a request that hangs mid-body,
 the SDK retrying 503s, `upload` on a slow link, `upload` watching idle, `retry` while the SDK
-retries, and `migrate --to-local` mid-download. Per case: --tries runs, each with a fresh
+retries, `migrate --to-local` mid-download, `verify --all` with its requests unanswered,
+`verify --all --readback` on a slow link, `reconcile` with its listing unanswered, and `fetch`
+mid-download. Per case: --tries runs, each with a fresh
 library, container and state; median and max of the signal-to-exit time, and the exit codes.
 
 --agent-tree runs the agent from another source tree (e.g. `git archive` of a commit before the
@@ -53,6 +55,10 @@ CASES = {
     "watching, idle (upload)": cases.case_upload_idle,
     "SDK retrying 503s (retry)": cases.case_retry_sdk_retrying,
     "mid-download (migrate --to-local)": cases.case_to_local,
+    "requests held, no answer (verify --all)": cases.case_verify_held,
+    "slow link, a download on the wire (verify --all --readback)": cases.case_verify_readback_slow_link,
+    "container listing held, queue lock taken (reconcile)": cases.case_reconcile_held,
+    "mid-download (fetch)": cases.case_fetch_slow_link,
 }
 
 

@@ -158,7 +158,7 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
         elif same_file and rec[0] == "dead":
             bucket = "dead"
         elif name in vouched or (
-            same_file and rec[0] in ("uploaded", "evicted") and blob is not None and blob.etag == rec[5]
+            same_file and rec[0] in ("uploaded", "evicted") and blob is not None and _etag(blob.etag) == _etag(rec[5])
         ):
             bucket = "in_blob_verified"
         elif (
@@ -301,6 +301,15 @@ def render_plan(result: dict[str, object]) -> str:
         f"  to send: {human_bytes(int(result['bytes_to_send']))}; estimated time: "  # type: ignore[arg-type]
         + (f"{human_duration(float(est))} at the bandwidth limit" if est is not None else str(result["estimate_note"]))
     )
+    if "vouched_by_state" in result:
+        how = {"none": "", "properties": " (one HEAD each)", "listing": " (container listing)"}
+        lines.append(
+            f"  what is in Blob: {result['vouched_by_state']} file(s) vouched for by the agent's state "
+            f"(verified uploads, unchanged on disk; a sample checked against the container), "
+            f"{result['looked_up']} looked up{how.get(str(result['lookup']), '')}"
+        )
+        if result.get("state_doubt"):
+            lines.append(f"  the state was not trusted: {result['state_doubt']}")
     for where, problem in dict(result.get("root_errors") or {}).items():  # type: ignore[call-overload]
         lines.append(f"  root {where}: {problem}")
     return "\n".join(lines)

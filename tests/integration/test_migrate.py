@@ -208,6 +208,22 @@ def test_dry_run_does_not_trust_a_state_the_container_contradicts(harness: Harne
     assert plan["bytes_to_send"] == sum(len(b) for b in files.values())
 
 
+def test_dry_run_lists_the_container_when_many_files_are_unknown(
+    harness: Harness, media_roots, tmp_path, monkeypatch
+) -> None:
+    """Past _PROBE_AT_MOST files no record vouches for, one listing replaces a HEAD each (here the
+    threshold is lowered so a small library takes that path, as a lost state of 100,000 files does)."""
+    from agent.actions import migrate
+
+    files = build_library(media_roots)
+    harness.cli("migrate", "--no-progress", check=True)
+    monkeypatch.setattr(migrate, "_PROBE_AT_MOST", 2)
+    config = harness.config(GIGHIVE_MEDIA_STATE_DIR=str(tmp_path / "lost-state"))
+    plan = migrate.plan(config, config.roots, migrate.Options(dry_run=True))
+    assert (plan["lookup"], plan["vouched_by_state"], plan["blobs_listed"]) == ("listing", 0, len(files)), plan
+    assert plan["total"]["in_blob_to_check"] == len(files) and plan["bytes_to_send"] == 0, plan
+
+
 # ---- the move --------------------------------------------------------------------------------
 
 
