@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--signal", choices=("INT", "TERM"), default="INT")
     ap.add_argument("--guard", type=float, default=60.0, help="seconds before a run counts as hung (default 60)")
     ap.add_argument("--agent-tree", type=Path, help="run the agent from this source tree instead of this one")
-    ap.add_argument("--only", help="only cases whose name contains this text")
+    ap.add_argument("--only", help="only cases whose name contains this text (or one of these, comma-separated)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="directory for interrupts.{json,md}")
     args = ap.parse_args()
     sig = signal.Signals[f"SIG{args.signal}"]
@@ -117,7 +117,7 @@ def main() -> int:
     results: dict[str, dict[str, object]] = {}
     with Azurite(Path(tempfile.mkdtemp(prefix="gighive-interrupt-azurite-"))) as azurite:
         for name, case in CASES.items():
-            if args.only and args.only not in name:
+            if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             times: list[float] = []
             codes: list[int | None] = []

@@ -32,6 +32,7 @@ Results: bench/results/migrate.{json,md}; docs/benchmarks.md quotes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -185,6 +186,114 @@ def agent_config(
     return path
 
 
+def measure_partial(run: Path, azurite_pid: int, pause_pid: int | None, reps: int, out: Path) -> int:
+    """The dry runs against a migration still under way (see --measure-run)."""
+    import signal
+    import sqlite3
+
+    class _Pid:  # what step() needs of an Azurite: its process id
+        pid = azurite_pid
+
+    snap = run / "snapshot"
+    shutil.rmtree(snap, ignore_errors=True)
+    (snap / "state").mkdir(parents=True)
+    if pause_pid is not None:
+        os.kill(pause_pid, signal.SIGSTOP)
+    results: list[dict[str, object]] = []
+    try:
+        src = sqlite3.connect(f"file:{run / 'state' / 'state.sqlite3'}?mode=ro", uri=True)
+        dst = sqlite3.connect(snap / "state" / "state.sqlite3")
+        src.backup(dst)
+        src.close()
+        # The snapshot is the agent's state as it was, every row kept; the subset library holds
+        # hard links (same inode, size and mtime) to the files it records as uploaded.
+        uploaded = dst.execute("SELECT blob_name, path FROM files WHERE state = 'uploaded'").fetchall()
+        rows = dst.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        dst.close()
+        for name, path in uploaded:
+            target = snap / "library" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+        (snap / "library" / "audio").mkdir(parents=True, exist_ok=True)
+        base = (run / "agent.env").read_text().splitlines()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
+        env.pop("JOURNAL_STREAM", None)
+        exe = str(REPO / ".venv" / "bin" / "gighive-media")
+
+        def config(name: str, roots: Path, state: Path) -> list[str]:
+            lines = [
+                line for line in base if not line.startswith(("MEDIA_ROOTS=", "GIGHIVE_MEDIA_STATE_DIR=", "MYSQL_"))
+            ]
+            lines += [
+                f"MEDIA_ROOTS=audio={roots / 'audio'},video={roots / 'video'}",
+                f"GIGHIVE_MEDIA_STATE_DIR={state}",
+            ]
+            path = snap / f"{name}.env"
+            path.write_text("\n".join(lines) + "\n")
+            path.chmod(0o600)
+            return [exe, "--config", str(path), "--json", "migrate", "--dry-run"]
+
+        media_roots = next(line for line in base if line.startswith("MEDIA_ROOTS=")).split("=", 1)[1]
+        full_library = Path(dict(item.split("=", 1) for item in media_roots.split(","))["audio"]).parent
+        trusted = config("trusted", snap / "library", snap / "state")
+        lost = config("lost", snap / "library", snap / "state-lost")
+        mid = config("mid", full_library, snap / "state")
+        n = len(uploaded)
+        for rep in range(reps):
+            results.append(step(f"dry-run, {n:,} files all in Blob, state kept #{rep + 1}", trusted, env, snap, _Pid))
+        for rep in range(reps):
+            results.append(step(f"dry-run, {n:,} files all in Blob, state lost #{rep + 1}", lost, env, snap, _Pid))
+        results.append(step("dry-run, whole library, migration under way", mid, env, snap, _Pid))
+        for r in results:
+            log = Path(snap / f"{r['step']}.log")
+            with contextlib.suppress(OSError, ValueError):
+                plan = json.loads(_last_json(log))
+                r.update(
+                    {k: plan.get(k) for k in ("vouched_by_state", "looked_up", "lookup", "blobs_listed")},
+                    scan_s=plan.get("scan_seconds"),
+                    lookup_s=plan.get("listing_seconds"),
+                )
+    finally:
+        if pause_pid is not None:
+            os.kill(pause_pid, signal.SIGCONT)
+    summary = {
+        "state_rows": rows,
+        "uploaded": len(uploaded),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "python": platform.python_version(),
+            "load_at_start": list(os.getloadavg()),
+        },
+        "steps": results,
+    }
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"# migrate --dry-run against a migration under way: {len(uploaded):,} files uploaded, {rows:,} state rows",
+        "",
+        f"machine: {os.cpu_count()} CPUs ({cpu_model()}), load average {summary['machine']['load_at_start'][0]:.2f}",
+        "",
+        "| step | wall s | CPU s | peak RSS MiB | Azurite CPU s | other CPU s | vouched | looked up | lookup |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        *(
+            f"| {r['step']} | {r['wall_s']} | {r['cpu_s']} | {r['max_rss_mib']} | {r['azurite_cpu_s']} | "
+            f"{r['other_cpu_s']} | {r.get('vouched_by_state')} | {r.get('looked_up')} | {r.get('lookup')} |"
+            for r in results
+        ),
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _last_json(log: Path) -> str:
+    """The JSON document a `--json` command printed (stdout and stderr share the log)."""
+    lines = log.read_text().splitlines()
+    start = lines.index("{")
+    end = len(lines) - lines[::-1].index("}")
+    return "\n".join(lines[start:end])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--files", type=int, default=100_000)
@@ -203,7 +312,20 @@ def main() -> int:
         help="after the whole-library migration, wait until PATH exists before the dry runs (to measure a "
         "changed agent against the same populated container without another hour of uploads)",
     )
+    ap.add_argument(
+        "--measure-run",
+        type=Path,
+        metavar="RUN_DIR",
+        help="instead of a new run: the dry runs against the run directory of a whole-library migration still "
+        "under way (a snapshot of its state, a library of hard links to the files it uploaded, its Azurite)",
+    )
+    ap.add_argument("--azurite-pid", type=int, help="with --measure-run: that run's Azurite (for its CPU time)")
+    ap.add_argument(
+        "--pause-pid", type=int, help="with --measure-run: the migration's process, stopped while the dry runs run"
+    )
     args = ap.parse_args()
+    if args.measure_run is not None:
+        return measure_partial(args.measure_run, args.azurite_pid, args.pause_pid, args.dry_run_reps, args.out)
 
     load_at_start = os.getloadavg()
     work = args.work
