@@ -286,6 +286,74 @@ def measure_partial(run: Path, azurite_pid: int, pause_pid: int | None, reps: in
     return 0
 
 
+def plan_cost(library: Path, work: Path, reps: int) -> list[dict[str, float]]:
+    """The dry run's own work at full scale when the state vouches for every file, in process:
+    the walk of `library`, the state read and the plan, with a state that records every file as
+    uploaded and verified (written here: rows as the agent writes them, made-up ETags and hashes)
+    and the container lookups stubbed out (with such a state they are the 16 HEADs of the trust
+    sample, measured end to end by --measure-run). CPU and wall seconds, and peak RSS."""
+    import resource
+    import sqlite3
+
+    from agent.actions import migrate
+    from agent.config import MediaRoot
+    from agent.scan import ScanReport
+    from agent.state import StateStore
+
+    roots = (MediaRoot("audio", library / "audio", True), MediaRoot("video", library / "video", True))
+    state_dir = work / "plan-cost-state"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    state_dir.mkdir(parents=True)
+    StateStore.open(state_dir).close()
+    now = time.time()
+    # A generator: the rows go to SQLite as they are made, so this process's peak RSS is the plan's.
+    rows = (
+        (mf.blob_name, mf.root.name, str(mf.path), st.st_size, st.st_mtime_ns, st.st_ino, "0" * 64, "0" * 32,
+         "uploaded", '"0x8DD0000000000000"', now, now, now, now)
+        for mf, st in migrate._walk(roots, ScanReport())
+    )  # fmt: skip
+    db = sqlite3.connect(state_dir / "state.sqlite3")
+    with db:
+        db.executemany(
+            "INSERT INTO files (blob_name, root, path, size, mtime_ns, inode, sha256, md5, state, etag, "
+            "uploaded_at, verified_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+    db.close()
+    del rows
+
+    class Config:
+        state_dir: Path
+        file_concurrency = 8
+        bandwidth_limit = 0
+
+    Config.state_dir = state_dir
+    migrate.AzureBlobStore = lambda config: None  # type: ignore[assignment,misc]
+    migrate._sample_problem = lambda *a: None  # type: ignore[assignment]
+    migrate._probe = lambda store, names, parallel: {}  # type: ignore[assignment]
+    out = []
+    # What this process held before the first plan (the bench's own imports, the library's
+    # sizes): the plan's peak is the difference.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(reps):
+        w0, c0 = time.monotonic(), time.process_time()
+        plan = migrate.plan(Config, roots, migrate.Options(dry_run=True))  # type: ignore[arg-type]
+        out.append(
+            {
+                "files": plan["total"]["files"],  # type: ignore[index]
+                "vouched_by_state": plan["vouched_by_state"],
+                "wall_s": round(time.monotonic() - w0, 2),
+                "cpu_s": round(time.process_time() - c0, 2),
+                "scan_s": plan["scan_seconds"],
+                "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "rss_before_mib": round(before, 1),
+                "load": round(os.getloadavg()[0], 2),
+            }
+        )
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def _last_json(log: Path) -> str:
     """The JSON document a `--json` command printed (stdout and stderr share the log)."""
     lines = log.read_text().splitlines()
@@ -323,7 +391,19 @@ def main() -> int:
     ap.add_argument(
         "--pause-pid", type=int, help="with --measure-run: the migration's process, stopped while the dry runs run"
     )
+    ap.add_argument(
+        "--plan-cost",
+        action="store_true",
+        help="instead of a run: the dry run's own work on the --files library with a state vouching for every "
+        "file, in process (see plan_cost)",
+    )
     args = ap.parse_args()
+    if args.plan_cost:
+        sizes = make_library(args.work / "library", args.files, args.large, args.seed)
+        print(f"library: {len(sizes)} files", flush=True)
+        cost = plan_cost(args.work / "library", args.work, args.dry_run_reps)
+        args.out.with_suffix(".json").write_text(json.dumps({"plan_cost": cost}, indent=2) + "\n")
+        return 0
     if args.measure_run is not None:
         return measure_partial(args.measure_run, args.azurite_pid, args.pause_pid, args.dry_run_reps, args.out)
 
