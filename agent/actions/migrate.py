@@ -104,7 +104,8 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
     state and the container disagree (state lost, rebuilt from elsewhere, container replaced),
     in which case everything is listed as it would be without a state. Only the files no
     record vouches for are looked up: one HEAD each when they are few, a listing otherwise.
-    The migration itself does not rely on this; it lists the container before it sends anything.
+    `migrate` assumes the same (it does not send a verified, unchanged file again); a blob
+    deleted behind the agent's back is found by `reconcile` and `verify`, not by a plan.
     """
     started = time.monotonic()
     scan = ScanReport()
