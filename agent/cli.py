@@ -288,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-# Commands that move files: a stop signal ends them within a second (agent/interrupts.py).
-INTERRUPTIBLE = ("migrate", "upload", "retry")
+# Commands that move files or run long (whole-library checks, listings, downloads): a stop
+# signal ends them within a second (agent/interrupts.py), not after their thread pools drain.
+INTERRUPTIBLE = ("migrate", "upload", "retry", "verify", "reconcile", "fetch")
 
 
 def _interrupted_json(code: int, signal_name: str) -> None:

@@ -15,6 +15,8 @@ from .config import Config, MediaRoot
 
 SHA256_NAME_RE = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<ext>[A-Za-z0-9]{1,10})$")
 MAX_BLOB_NAME = 1024
+# One regex search instead of a Python loop per character: the scan runs this for every file.
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
 
 # Names that writers use while a file is incomplete (editors, rsync, curl, browsers, PHP
 # temporary copies). Such a file is never uploaded; the final rename fires a new event.
@@ -91,7 +93,7 @@ def name_problem(relpath: PurePosixPath) -> str | None:
     name = relpath.name.lower()
     if name.endswith(_TEMP_SUFFIXES) or name.startswith("~"):
         return "temporary file"
-    if any(ord(c) < 32 or ord(c) == 127 for c in relpath.as_posix()):
+    if _CONTROL_CHAR.search(relpath.as_posix()):
         return "control character in name"
     return None
 

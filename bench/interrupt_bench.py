@@ -6,7 +6,9 @@ there, against one Azurite through tests/faults/faultproxy.py, and signals it on
 is there): a rate-limit wait (`migrate --bwlimit 128K`), a slow link (64 KiB/s, a Put Block on the
 wire), files smaller than a block (one Put Blob on a 32 KiB/s link), a request that hangs mid-body,
 the SDK retrying 503s, `upload` on a slow link, `upload` watching idle, `retry` while the SDK
-retries, and `migrate --to-local` mid-download. Per case: --tries runs, each with a fresh
+retries, `migrate --to-local` mid-download, `verify --all` with its requests unanswered,
+`verify --all --readback` on a slow link, `reconcile` with its listing unanswered, and `fetch`
+mid-download. Per case: --tries runs, each with a fresh
 library, container and state; median and max of the signal-to-exit time, and the exit codes.
 
 --agent-tree runs the agent from another source tree (e.g. `git archive` of a commit before the
@@ -53,6 +55,10 @@ CASES = {
     "watching, idle (upload)": cases.case_upload_idle,
     "SDK retrying 503s (retry)": cases.case_retry_sdk_retrying,
     "mid-download (migrate --to-local)": cases.case_to_local,
+    "requests held, no answer (verify --all)": cases.case_verify_held,
+    "slow link, a download on the wire (verify --all --readback)": cases.case_verify_readback_slow_link,
+    "container listing held, queue lock taken (reconcile)": cases.case_reconcile_held,
+    "mid-download (fetch)": cases.case_fetch_slow_link,
 }
 
 
@@ -99,7 +105,7 @@ def main() -> int:
     ap.add_argument("--signal", choices=("INT", "TERM"), default="INT")
     ap.add_argument("--guard", type=float, default=60.0, help="seconds before a run counts as hung (default 60)")
     ap.add_argument("--agent-tree", type=Path, help="run the agent from this source tree instead of this one")
-    ap.add_argument("--only", help="only cases whose name contains this text")
+    ap.add_argument("--only", help="only cases whose name contains this text (or one of these, comma-separated)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="directory for interrupts.{json,md}")
     args = ap.parse_args()
     sig = signal.Signals[f"SIG{args.signal}"]
@@ -111,7 +117,7 @@ def main() -> int:
     results: dict[str, dict[str, object]] = {}
     with Azurite(Path(tempfile.mkdtemp(prefix="gighive-interrupt-azurite-"))) as azurite:
         for name, case in CASES.items():
-            if args.only and args.only not in name:
+            if args.only and not any(part in name for part in args.only.split(",")):
                 continue
             times: list[float] = []
             codes: list[int | None] = []

@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from .. import interrupts
 from ..config import Config
 from ..context import queue_worker
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
@@ -62,26 +63,32 @@ def run(config: Config, items: list[str], keep_days: float) -> tuple[dict[str, o
                 log.error("not fetched %s: %s", mf.blob_name, problem, extra={"fields": {"blob_name": mf.blob_name}})
                 continue
             assert info is not None and info.sha256 is not None
-            try:
-                restore(store, mf, info.size, info.sha256, rec.mtime_ns if rec is not None else None)
-            except RestoreFailed as e:
-                failures.append({"item": item, "error": str(e)})
-                continue
-            except StoreUnavailable as e:
-                return _result(fetched, already, failures, f"Azure Blob: {e}"), EXIT_UNAVAILABLE
-            if rec is None:
-                state.adopt_blob(
-                    mf.blob_name,
-                    mf.root.name,
-                    str(mf.path),
-                    size=info.size,
-                    sha256=info.sha256,
-                    md5=info.content_md5.hex() if info.content_md5 else None,
-                    etag=info.etag,
-                    pointer=POINTER_PENDING if worker.pointer_db is not None else POINTER_NONE,
-                    local=os.stat(mf.path),
-                )
-            _keep(worker, mf, keep_until)
+            # The download and its record are one unit for a stop (agent/interrupts.py): a file
+            # placed on disk gets its row within the grace, or the download gives up between two
+            # chunks and leaves nothing under the real name.
+            with interrupts.busy():
+                if interrupts.requested():
+                    break
+                try:
+                    restore(store, mf, info.size, info.sha256, rec.mtime_ns if rec is not None else None)
+                except RestoreFailed as e:
+                    failures.append({"item": item, "error": str(e)})
+                    continue
+                except StoreUnavailable as e:
+                    return _result(fetched, already, failures, f"Azure Blob: {e}"), EXIT_UNAVAILABLE
+                if rec is None:
+                    state.adopt_blob(
+                        mf.blob_name,
+                        mf.root.name,
+                        str(mf.path),
+                        size=info.size,
+                        sha256=info.sha256,
+                        md5=info.content_md5.hex() if info.content_md5 else None,
+                        etag=info.etag,
+                        pointer=POINTER_PENDING if worker.pointer_db is not None else POINTER_NONE,
+                        local=os.stat(mf.path),
+                    )
+                _keep(worker, mf, keep_until)
             fetched.append(mf.blob_name)
             log.info(
                 "fetched %s to %s (%d bytes, sha256 verified), kept local for %g day(s)",

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import safety
@@ -24,7 +26,7 @@ from ..media import SHA256_NAME_RE, MediaFile
 from ..progress import Progress, human_bytes, human_duration
 from ..scan import ScanReport, walk_root
 from ..state import StateStore
-from ..storage import StoreUnavailable
+from ..storage import Listed, StoreUnavailable
 from ..storage.azure_blob import AzureBlobStore
 from ..worker import RunReport
 
@@ -96,7 +98,16 @@ def _walk(roots: tuple[MediaRoot, ...], report: ScanReport) -> Iterator[tuple[Me
 
 
 def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[str, object]:
-    """What a migration would do, from the disk, the agent's state and one listing; changes nothing."""
+    """What a migration would do, from the disk, the agent's state and the container; changes nothing.
+
+    The state vouches for every file it recorded as uploaded and verified whose size, mtime and
+    inode are unchanged: those are not looked up again, unless a random sample of them shows the
+    state and the container disagree (state lost, rebuilt from elsewhere, container replaced),
+    in which case everything is listed as it would be without a state. Only the files no
+    record vouches for are looked up: one HEAD each when they are few, a listing otherwise.
+    `migrate` assumes the same (it does not send a verified, unchanged file again); a blob
+    deleted behind the agent's back is found by `reconcile` and `verify`, not by a plan.
+    """
     started = time.monotonic()
     scan = ScanReport()
     # Plain tuples, not MediaFile and stat objects: a 100,000-file library must plan in well
@@ -112,11 +123,27 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
     finally:
         if state is not None:
             state.close()
+    vouched: set[str] = set()
+    for name, size, mtime_ns, inode, _ca in local:
+        rec = known.get(name)
+        if rec is not None and (rec[1], rec[2], rec[3]) == (size, mtime_ns, inode) and _vouches(rec):
+            vouched.add(name)
     store = AzureBlobStore(config)
     try:
-        listing = list_for(store, (name for name, *_ in local))
+        doubt = _sample_problem(store, known, vouched, config.file_concurrency)
+        if doubt is not None:
+            log.warning("the agent's state and the container disagree (%s): listing every file", doubt)
+            vouched.clear()
+        unknown = [name for name, *_ in local if name not in vouched]
+        if len(unknown) > _PROBE_AT_MOST:
+            lookup = "listing"
+            listing = list_for(store, unknown)
+        else:
+            lookup = "properties" if unknown else "none"
+            listing = _probe(store, unknown, config.file_concurrency)
+        del unknown
     except StoreUnavailable as e:
-        raise Unavailable(f"cannot list the container, so the plan cannot say what is already in Blob: {e}") from e
+        raise Unavailable(f"cannot read the container, so the plan cannot say what is already in Blob: {e}") from e
     listed = time.monotonic()
 
     per_root: dict[str, dict[str, int]] = {r.name: _empty_plan() for r in roots}
@@ -132,7 +159,9 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
             bucket = "quarantined"
         elif same_file and rec[0] == "dead":
             bucket = "dead"
-        elif same_file and rec[0] in ("uploaded", "evicted") and blob is not None and blob.etag == rec[5]:
+        elif name in vouched or (
+            same_file and rec[0] in ("uploaded", "evicted") and blob is not None and _etag(blob.etag) == _etag(rec[5])
+        ):
             bucket = "in_blob_verified"
         elif (
             blob is not None
@@ -172,12 +201,72 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
         else "no bandwidth limit configured (UPLOAD_BANDWIDTH_LIMIT or --bwlimit); time depends on the link",
         "limit": opts.limit,
         "file_concurrency": config.file_concurrency,
+        # How the plan knows what is in Blob: `vouched_by_state` files the agent's own state
+        # recorded as uploaded and verified (unchanged on disk), `looked_up` the rest, by
+        # `lookup` ("none", "properties": a HEAD each, "listing"); `state_doubt` says why the
+        # state was not trusted this time.
+        "vouched_by_state": len(vouched),
+        "looked_up": len(local) - len(vouched),
+        "lookup": lookup,
+        "state_doubt": doubt,
         "blobs_listed": len(listing),
         "skipped": scan.as_dict()["skipped"],
         "root_errors": scan.root_errors,
         "scan_seconds": round(scanned - started, 3),
         "listing_seconds": round(listed - scanned, 3),
     }
+
+
+# Up to this many files the state cannot vouch for are looked up one HEAD each (8 at a time);
+# more are listed. A listing page holds 5,000 names but covers whole prefixes, so for a few new
+# files in a large library, HEADs read far less.
+_PROBE_AT_MOST = 256
+# Records checked against the container before the state is trusted: enough to see a state that
+# belongs to another container or was lost and rebuilt wrongly, not to find single blobs deleted
+# behind the agent's back (`verify` and `reconcile` look at every one).
+_TRUST_SAMPLE = 16
+
+
+def _vouches(rec: tuple) -> bool:
+    """Whether a state row alone answers: verified in Blob (with the ETag it was verified at),
+    or parked by the agent (quarantined, dead) whatever the container holds."""
+    state, etag = rec[0], rec[5]
+    return (state in ("uploaded", "evicted") and bool(etag)) or state in ("quarantined", "dead")
+
+
+def _etag(value: str | None) -> str:
+    # A HEAD answers the ETag quoted, a listing may not: compare the opaque value itself.
+    return (value or "").strip('"')
+
+
+def _sample_problem(store: AzureBlobStore, known: dict[str, tuple], vouched: set[str], parallel: int) -> str | None:
+    """Why the state cannot be trusted for this container, from a random sample of its verified
+    records (their blobs must exist with the recorded ETag), or None."""
+    verified = [n for n in vouched if known[n][0] in ("uploaded", "evicted")]
+    if not verified:
+        return None
+    sample = random.sample(verified, min(_TRUST_SAMPLE, len(verified)))
+    found = _probe(store, sample, parallel)
+    for name in sample:
+        blob = found.get(name)
+        if blob is None:
+            return f"{name} is recorded as verified in Blob but the container does not have it"
+        if _etag(blob.etag) != _etag(known[name][5]):
+            return f"{name} is in the container with another ETag than the one recorded at its verification"
+    return None
+
+
+def _probe(store: AzureBlobStore, names: list[str], parallel: int) -> dict[str, Listed]:
+    """name -> Listed for those of `names` that exist, one HEAD each."""
+    if not names:
+        return {}
+
+    def stat(name: str) -> tuple[str, Listed | None]:
+        info = store.stat(name)
+        return name, (Listed(info.size, info.etag, info.content_md5, info.sha256) if info is not None else None)
+
+    with ThreadPoolExecutor(max(1, min(parallel, len(names))), thread_name_prefix="probe") as pool:
+        return {name: blob for name, blob in pool.map(stat, names) if blob is not None}
 
 
 def _name_sha(rel: str) -> str | None:
@@ -214,6 +303,15 @@ def render_plan(result: dict[str, object]) -> str:
         f"  to send: {human_bytes(int(result['bytes_to_send']))}; estimated time: "  # type: ignore[arg-type]
         + (f"{human_duration(float(est))} at the bandwidth limit" if est is not None else str(result["estimate_note"]))
     )
+    if "vouched_by_state" in result:
+        how = {"none": "", "properties": " (one HEAD each)", "listing": " (container listing)"}
+        lines.append(
+            f"  what is in Blob: {result['vouched_by_state']} file(s) vouched for by the agent's state "
+            f"(verified uploads, unchanged on disk; a sample checked against the container), "
+            f"{result['looked_up']} looked up{how.get(str(result['lookup']), '')}"
+        )
+        if result.get("state_doubt"):
+            lines.append(f"  the state was not trusted: {result['state_doubt']}")
     for where, problem in dict(result.get("root_errors") or {}).items():  # type: ignore[call-overload]
         lines.append(f"  root {where}: {problem}")
     return "\n".join(lines)

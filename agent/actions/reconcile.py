@@ -25,7 +25,7 @@ import logging
 import os
 import time
 
-from .. import deletes, safety
+from .. import deletes, interrupts, safety
 from ..config import Config, MediaRoot
 from ..context import queue_worker
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
@@ -199,21 +199,26 @@ def run(
                 worker.flip_pending_pointers()
             if prune_orphans and prune_refused is None:
                 for name, blob in orphans:
-                    try:
-                        if not safety.delete_orphan(config, store, name, blob.etag):
-                            continue  # a file landed under that name meanwhile: not an orphan now
-                    except StoreUnavailable as e:
-                        pointer_errors.append(f"{name}: not deleted: {e}")
-                        continue
-                    pruned.append(name)
-                    log.warning(
-                        "deleted orphan blob %s (%d bytes)", name, blob.size, extra={"fields": {"blob_name": name}}
-                    )
-                    if db is not None and pointers is not None and name in pointers:
+                    # A stop (agent/interrupts.py) lets the deletion in flight finish with its log
+                    # line and pointer row, and starts no other.
+                    with interrupts.busy():
+                        if interrupts.requested():
+                            break
                         try:
-                            db.delete_location(name)
-                        except PointerUnavailable as e:
-                            pointer_errors.append(f"{name}: pointer row not removed: {e}")
+                            if not safety.delete_orphan(config, store, name, blob.etag):
+                                continue  # a file landed under that name meanwhile: not an orphan now
+                        except StoreUnavailable as e:
+                            pointer_errors.append(f"{name}: not deleted: {e}")
+                            continue
+                        pruned.append(name)
+                        log.warning(
+                            "deleted orphan blob %s (%d bytes)", name, blob.size, extra={"fields": {"blob_name": name}}
+                        )
+                        if db is not None and pointers is not None and name in pointers:
+                            try:
+                                db.delete_location(name)
+                            except PointerUnavailable as e:
+                                pointer_errors.append(f"{name}: pointer row not removed: {e}")
 
         if not dry_run and accept_assets_shrink:
             # The operator's explicit word that the rows are gone on purpose: their blobs are

@@ -408,3 +408,132 @@ def fresh_container(azurite) -> ContainerClient:
     """For the benchmark: a new container in `azurite` per try."""
     service = BlobServiceClient.from_connection_string(azurite.connection_string)
     return service.create_container(f"intr-{uuid.uuid4().hex[:20]}")
+
+
+# ---- the long-running checks: verify, reconcile, fetch -----------------------------------------
+
+
+def state_table(h: Harness) -> list[tuple]:
+    """Every column of every row: what a command that changes nothing must leave as it was."""
+    conn = sqlite3.connect(f"file:{h.state_dir / 'state.sqlite3'}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute("SELECT * FROM files ORDER BY blob_name").fetchall()
+    finally:
+        conn.close()
+
+
+def hold_every_request(s: Setup) -> Callable[[], bool]:
+    """From now on no request gets an answer until the test releases the proxy (a link gone
+    silent): the agent sits in a socket read. Returns "the agent is waiting for an answer"."""
+    s.proxy.hold_after = 0
+    s.proxy.http_errors(1000, (503,))
+    return lambda: s.proxy.errors_sent >= 1
+
+
+def uploaded_library(s: Setup, *migrate_args: str) -> dict[str, bytes]:
+    files = multi_block_library(s.roots, n=2) | small_library(s.roots, n=2)
+    s.h.cli("migrate", "--no-progress", *migrate_args, check=True, timeout=300)
+    return files
+
+
+def case_verify_held(s: Setup, sig: signal.Signals = signal.SIGINT) -> tuple[Outcome, dict[str, bytes]]:
+    """`verify --all` while its requests get no answer (each would wait out the network timeout,
+    and the thread pool used to wait for every one of them)."""
+    files = uploaded_library(s)
+    waiting = hold_every_request(s)
+    proc = s.h.spawn("verify", "--all", "--no-progress")
+    wait_until(proc, "a request of verify held", waiting)
+    return stop(proc, sig), files
+
+
+def case_verify_readback_slow_link(s: Setup, sig: signal.Signals = signal.SIGTERM) -> tuple[Outcome, dict[str, bytes]]:
+    """`verify --all --readback` downloading blobs over a slow link."""
+    files = uploaded_library(s)
+    s.proxy.trickle(64 * KIB)
+    proc = s.h.spawn("verify", "--all", "--readback", "--no-progress")
+    wait_until(proc, "a download of verify on the wire", request_seen(s.proxy, "GET", None, "video"))
+    return stop(proc, sig), files
+
+
+def case_reconcile_held(
+    s: Setup, sig: signal.Signals = signal.SIGINT, before: list[list[tuple]] | None = None
+) -> tuple[Outcome, dict[str, bytes]]:
+    """`reconcile` holding the queue lock while the container listing gets no answer (`before`
+    receives the state as it was when reconcile started)."""
+    files = uploaded_library(s)
+    if before is not None:
+        before.append(state_table(s.h))
+    waiting = hold_every_request(s)
+    proc = s.h.spawn("reconcile")
+    wait_until(proc, "a request of reconcile held", waiting)
+    return stop(proc, sig), files
+
+
+def case_fetch_slow_link(s: Setup, sig: signal.Signals = signal.SIGINT) -> tuple[Outcome, dict[str, bytes]]:
+    """`fetch` of evicted files over a slow link."""
+    files = multi_block_library(s.roots, n=2)
+    s.h.cli("migrate", "--evict-local", "--no-progress", check=True, timeout=300)
+    assert {st for st, _, _ in rows(s.h).values()} == {"evicted"}
+    s.proxy.trickle(64 * KIB)
+    proc = s.h.spawn("fetch", *files)
+    wait_until(proc, "a download of fetch under way", lambda: bool(restore_temp_files(s)))
+    return stop(proc, sig), files
+
+
+@pytest.mark.parametrize("case", [case_verify_held, case_verify_readback_slow_link], ids=["held", "readback_slow"])
+def test_verify_stops_promptly_and_changes_nothing(setup: Setup, case) -> None:
+    out, files = case(setup)
+    _report(case.__name__, out)
+    sig = signal.SIGINT if out.code == 130 else signal.SIGTERM
+    assert_stopped_safely(setup, out, sig, files)
+    # The stop is the only outcome: no verdict was printed as if the run had finished.
+    assert "verify finished" not in out.stderr, out.stderr[-3000:]
+    setup.proxy.reset()
+    before = state_table(setup.h)
+    result = setup.h.cli_json("verify", "--all", "--readback", timeout=300)
+    assert result["counts"]["ok"] == len(files), result
+    assert state_table(setup.h) == before
+
+
+def test_reconcile_stops_promptly_releases_the_queue_and_changes_nothing(setup: Setup) -> None:
+    before: list[list[tuple]] = []
+    out, files = case_reconcile_held(setup, signal.SIGINT, before)
+    _report("reconcile held", out)
+    assert_stopped_safely(setup, out, signal.SIGINT, files)
+    assert state_table(setup.h) == before[0]
+    # The queue lock went with the process: the next run gets it at once and finds nothing to do.
+    setup.proxy.reset()
+    done = setup.h.cli("reconcile", "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["repairs"] == [] and result["unsafe"] == [], result
+
+
+def test_fetch_stops_mid_download_and_the_next_run_fetches_every_file(setup: Setup) -> None:
+    out, files = case_fetch_slow_link(setup)
+    _report("fetch slow link", out)
+    assert_stopped_safely(setup, out, signal.SIGINT, files)
+    # No half-downloaded file under a real name: each is absent or whole (assert_stopped_safely).
+    setup.proxy.reset()
+    done = setup.h.cli("fetch", *files, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, data in files.items():
+        root, rel = name.split("/", 1)
+        assert (setup.roots[root] / rel).read_bytes() == data, name
+    assert restore_temp_files(setup) == []
+    assert {st for st, _, _ in rows(setup.h).values()} == {"uploaded"}
+
+
+def test_verify_json_output_says_interrupted(setup: Setup) -> None:
+    uploaded_library(setup)
+    waiting = hold_every_request(setup)
+    proc = setup.h.spawn("verify", "--all", "--json")
+    wait_until(proc, "a request of verify held", waiting)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=HANG_GUARD_S)
+    assert proc.returncode == 143, err[-3000:]
+    assert json.loads(out) == {
+        "error": "Interrupted",
+        "message": "stopped by SIGTERM; run it again to continue",
+        "exit_code": 143,
+    }

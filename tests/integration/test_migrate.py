@@ -171,6 +171,61 @@ def test_dry_run_with_no_state_sees_what_another_host_uploaded(harness: Harness,
     assert not (tmp_path / "fresh-state" / "state.sqlite3").exists()
 
 
+def test_dry_run_trusts_the_state_and_looks_up_only_what_it_cannot_know(harness: Harness, media_roots) -> None:
+    files = build_library(media_roots)
+    harness.cli("migrate", "--no-progress", check=True)
+    new, _ = make_content_addressed(media_roots["audio"], 5000, "mp3", 424242)
+    old = time.time() - 3600
+    os.utime(new, (old, old))
+    plan = harness.cli_json("migrate", "--dry-run")
+    # Every file the agent uploaded and verified, unchanged on disk, is vouched for by its state
+    # (after a sample of them matched the container); only the new one is looked up, by a HEAD.
+    assert plan["vouched_by_state"] == len(files) and plan["state_doubt"] is None, plan
+    assert (plan["looked_up"], plan["lookup"], plan["blobs_listed"]) == (1, "properties", 0), plan
+    assert plan["total"]["in_blob_verified"] == len(files)
+    assert (plan["total"]["to_upload"], plan["bytes_to_send"]) == (1, 5000)
+
+    # A file rewritten in place is no longer vouched for: it is looked up and found to differ.
+    rewritten = next(n for n in files if n.startswith("video/") and "/thumbnails/" not in n)
+    local_path(media_roots, rewritten).write_bytes(b"changed")
+    plan = harness.cli_json("migrate", "--dry-run")
+    assert plan["vouched_by_state"] == len(files) - 1 and plan["looked_up"] == 2, plan
+    assert plan["total"]["in_blob_differs"] == 1 and plan["total"]["to_upload"] == 1, plan
+
+
+def test_dry_run_does_not_trust_a_state_the_container_contradicts(harness: Harness, media_roots) -> None:
+    files = build_library(media_roots)
+    harness.cli("migrate", "--no-progress", check=True)
+    # The container was emptied behind the agent's back (or the config now names another one):
+    # the state's records no longer say what is in Blob, and the sample shows it.
+    c = container_client(
+        harness.settings["AZURE_STORAGE_CONNECTION_STRING"], harness.settings["AZURE_STORAGE_CONTAINER_NAME"]
+    )
+    for b in list(c.list_blobs()):
+        c.delete_blob(b.name)
+    plan = harness.cli_json("migrate", "--dry-run")
+    assert plan["state_doubt"] and plan["vouched_by_state"] == 0, plan
+    assert plan["looked_up"] == len(files)
+    assert plan["total"]["to_upload"] == len(files) and plan["total"]["in_blob_verified"] == 0, plan
+    assert plan["bytes_to_send"] == sum(len(b) for b in files.values())
+
+
+def test_dry_run_lists_the_container_when_many_files_are_unknown(
+    harness: Harness, media_roots, tmp_path, monkeypatch
+) -> None:
+    """Past _PROBE_AT_MOST files no record vouches for, one listing replaces a HEAD each (here the
+    threshold is lowered so a small library takes that path, as a lost state of 100,000 files does)."""
+    from agent.actions import migrate
+
+    files = build_library(media_roots)
+    harness.cli("migrate", "--no-progress", check=True)
+    monkeypatch.setattr(migrate, "_PROBE_AT_MOST", 2)
+    config = harness.config(GIGHIVE_MEDIA_STATE_DIR=str(tmp_path / "lost-state"))
+    plan = migrate.plan(config, config.roots, migrate.Options(dry_run=True))
+    assert (plan["lookup"], plan["vouched_by_state"], plan["blobs_listed"]) == ("listing", 0, len(files)), plan
+    assert plan["total"]["in_blob_to_check"] == len(files) and plan["bytes_to_send"] == 0, plan
+
+
 # ---- the move --------------------------------------------------------------------------------
 
 
