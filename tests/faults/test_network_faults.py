@@ -216,14 +216,28 @@ def test_trickling_link_shows_no_partial_blob(fault_harness, proxy, blob_contain
     """A slow link keeps uploads in flight for seconds while a lister watches the container: only
     whole blobs ever appear (uncommitted blocks are invisible; a Put Blob is atomic)."""
     h = fault_harness
-    h.write_config(UPLOAD_FILE_CONCURRENCY="2")
+    # The first commit (Put Block List) is held at the proxy until the lister has looked several
+    # times: its blocks are all staged then, so the lister surely looks at uncommitted blocks,
+    # however fast or slow the machine. The long timeout lets the agent wait for the held answer.
+    h.write_config(UPLOAD_FILE_CONCURRENCY="2", AZURE_NETWORK_TIMEOUT="600")
     files = make_library(media_roots, 780, large=(1_200_000, 700_000), small=(200_000, 3_000))
     sizes = {n: len(d) for n, (_, d) in files.items()}
     proxy.trickle(1024 * 1024)
+    proxy.hold(comp="blocklist", method="PUT")
     with BlobWatcher(blob_container, sizes) as watcher:
-        proc = h.cli("upload", "--no-watch")
-    assert proc.returncode == 0, proc.stderr
-    assert watcher.listings > 3  # it did look while the uploads were in flight
+        proc = h.spawn("upload", "--no-watch")
+        try:
+            while not proxy.held.wait(0.05):
+                assert proc.poll() is None, f"the run ended before any commit: {proc.communicate()}"
+            looked = watcher.listings
+            deadline = time.monotonic() + 300
+            while watcher.listings < looked + 3:
+                assert time.monotonic() < deadline, "the lister stopped listing"
+                time.sleep(0.02)
+        finally:
+            proxy.release()
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
     assert watcher.bad == []
     assert_blobs_identical(blob_container, {n: d for n, (_, d) in files.items()})
     assert {r.attempts for r in records(h).values()} == {0}
