@@ -184,7 +184,7 @@ class World:
         self.server = _proc.spawn(
             [sys.executable, "-m", "agent", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"], log, env=env
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while True:
             m = re.search(r"serving on (\S+?)[ ,]", log.read_text(errors="replace"))
             if m:
