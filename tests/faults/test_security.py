@@ -88,7 +88,9 @@ def test_tcp_peers_outside_stream_allowed_peers_get_no_answer(start_server, fres
     for source in ("127.0.0.2", "127.0.1.77"):
         answer = exchange_from(source, srv.tcp, _get(item.url))
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(item.data), answer[:200]
-    wait_for(lambda: "refused a connection from 127.0.0.1" in srv.log_text(), what="the refusal to be logged")
+    wait_for(
+        lambda: "refused a connection from 127.0.0.1" in srv.log_text(), timeout=300, what="the refusal to be logged"
+    )
     # The unix socket is guarded by its file mode (the socket unit), not by addresses: still served.
     assert request(srv.unix, item.url).body == item.data
 
@@ -206,7 +208,7 @@ class Setup:
 def _serve_during(setup: Setup) -> Callable[[subprocess.Popen], None]:
     def during(proc: subprocess.Popen) -> None:
         err = setup.workdir / "serve.stderr"
-        line = wait_for(lambda: re.search(r"serving on (\S+) ", err.read_text()), what="serve to listen")
+        line = wait_for(lambda: re.search(r"serving on (\S+) ", err.read_text()), timeout=300, what="serve to listen")
         addr = Address.parse(line.group(1))
         for url in setup.url_items:
             r = request(addr, url)

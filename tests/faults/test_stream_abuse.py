@@ -179,7 +179,7 @@ def test_many_slowloris_clients_are_cut_off_while_normal_clients_are_served(
     attack = threading.Thread(target=_trickle_clients, args=(srv.tcp, slowloris, stop, counts), daemon=True)
     attack.start()
     # Let the attack reach full strength before the normal clients come.
-    wait_for(lambda: counts["connections"] >= slowloris, what="the slowloris connections")
+    wait_for(lambda: counts["connections"] >= slowloris, timeout=300, what="the slowloris connections")
     normal = threading.Thread(target=_normal_clients, args=(srv.tcp, items, 10, stop, counts, errors), daemon=True)
     normal.start()
     peak = {"threads": 0}
