@@ -262,7 +262,7 @@ def test_upload_through_the_configured_units(host, azurite, role_container_name)
     )
     wait_for(
         lambda: "video/thumbnails/x.png" in {b.name for b in container.list_blobs()},
-        timeout=90,
+        timeout=300,
         what="the thumbnail to reach Blob through the path unit",
     )
 
@@ -339,7 +339,7 @@ def test_deletion_switch_reaches_the_running_upload_service(host, azure_vars):
     host.write("/root/a.mp3", AUDIO_BYTES)
     host.run(["install", "-o", "33", "-g", "33", "-m", "0644", "/root/a.mp3", f"{AUDIO_ROOT}/{AUDIO_NAME}"])
     blob = f"audio/{AUDIO_NAME}"
-    wait_for(lambda: file_state(host, blob) == "uploaded", timeout=120, what=f"{blob} to be uploaded")
+    wait_for(lambda: file_state(host, blob) == "uploaded", timeout=300, what=f"{blob} to be uploaded")
     before = invocation(host, "gighive-media-upload.service")
     assert before, "the play should have left an upload run active (UPLOAD_IDLE_EXIT_SECONDS=3600)"
     host.run(["test", "-f", f"{AUDIO_ROOT}/{AUDIO_NAME}"])  # deletion is still off
@@ -351,7 +351,7 @@ def test_deletion_switch_reaches_the_running_upload_service(host, azure_vars):
     pid = host.show("gighive-media-upload.service", "MainPID")["MainPID"]
     environ = host.run(["cat", f"/proc/{pid}/environ"]).stdout.split("\0")
     assert "DELETE_LOCAL_AFTER_UPLOAD=true" in environ
-    wait_for(lambda: file_state(host, blob) == "evicted", timeout=120, what=f"{blob} to be evicted")
+    wait_for(lambda: file_state(host, blob) == "evicted", timeout=300, what=f"{blob} to be evicted")
     assert host.run(["test", "-e", f"{AUDIO_ROOT}/{AUDIO_NAME}"], check=False).returncode != 0
     # The stream server answers for it from Blob now.
     response = ranged_get(host, f"/{blob}")
@@ -372,7 +372,7 @@ def test_credential_change_restarts_the_services_that_read_it(host, azure_vars, 
     assert rc == 0 and recap["changed"] > 0, out
     for unit, old in before.items():
         # The stream server's restart is queued (no_block): wait for its new run.
-        wait_for(lambda u=unit, o=old: invocation(host, u) not in ("", o), timeout=90, what=f"{unit} to restart")
+        wait_for(lambda u=unit, o=old: invocation(host, u) not in ("", o), timeout=300, what=f"{unit} to restart")
         loaded = host.run(["cat", f"/run/credentials/{unit}/azure-storage-connection-string"]).stdout
         assert loaded == changed, unit
     response = ranged_get(host, f"/audio/{AUDIO_NAME}")

@@ -39,12 +39,13 @@ def proxy(azurite) -> Iterator[FaultProxy]:
 @pytest.fixture
 def fault_harness(tmp_path, proxy, blob_container, media_roots) -> Harness:
     """The agent configured to reach the session Azurite through `proxy` (a fresh container), with
-    short backoff so retries run within the test."""
+    short backoff so retries run within the test. The network timeout is generous: a loaded
+    machine's Azurite can be slow, and the tests that black-hole the link set a short one."""
     h = Harness(tmp_path, media_roots)
     h.settings = connection_string_settings(
         proxied_connection_string(proxy.port), blob_container.container_name, media_roots, h.state_dir
     )
-    h.settings.update(RETRY_BASE_DELAY="0.2", RETRY_MAX_DELAY="1", RETRY_MAX_ATTEMPTS="8", AZURE_NETWORK_TIMEOUT="3")
+    h.settings.update(RETRY_BASE_DELAY="0.2", RETRY_MAX_DELAY="1", RETRY_MAX_ATTEMPTS="8", AZURE_NETWORK_TIMEOUT="30")
     h.write_config()
     return h
 

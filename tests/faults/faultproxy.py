@@ -13,6 +13,9 @@ The agent's BlobEndpoint points at the proxy; the test switches the mode while u
                                   applied the request but the client never hears so
     http_errors(n, statuses)      answer the next n requests itself with these statuses in turn and
                                   an Azure-style XML error body, then pass through again
+    hold(comp, method)            hold the next matching request (before its first byte goes on)
+                                  until release(); `held` is set once it is held: a state a test
+                                  can wait for, whatever the machine's speed
 
 In HTTP mode (the default) the proxy parses request framing (headers + Content-Length body) so it
 can count requests, cut a body at a chosen offset and answer a request itself. With http=False
@@ -65,6 +68,11 @@ class FaultProxy:
         self._lose_left = 0
         self._lose_comp: str | None = None
         self._lose_method: str | None = None
+        self._hold_left = 0
+        self._hold_comp: str | None = None
+        self._hold_method: str | None = None
+        self.held = threading.Event()
+        self._released = threading.Event()
         self._rate = 0.0
         self._next_send = 0.0  # trickle: monotonic time the link is free again
         self._conns: set[socket.socket] = set()
@@ -146,6 +154,15 @@ class FaultProxy:
     def lose_responses(self, n: int, comp: str | None = None, method: str | None = None) -> None:
         with self._lock:
             self._lose_left, self._lose_comp, self._lose_method = n, comp, method
+
+    def hold(self, comp: str | None = None, method: str | None = None) -> None:
+        with self._lock:
+            self._hold_left, self._hold_comp, self._hold_method = 1, comp, method
+            self.held.clear()
+            self._released.clear()
+
+    def release(self) -> None:
+        self._released.set()
 
     def http_errors(self, n: int, statuses: tuple[int, ...] = (500, 503)) -> None:
         with self._lock:
@@ -304,6 +321,16 @@ class FaultProxy:
                 if drop:
                     self._lose_left -= 1
                     lose.set()  # before the body goes out, so the answer cannot slip through first
+                hold = (
+                    status is None
+                    and not cut
+                    and not drop
+                    and self._hold_left > 0
+                    and self._hold_comp in (None, comp)
+                    and self._hold_method in (None, method)
+                )
+                if hold:
+                    self._hold_left -= 1
                 outcome = f"http_{status}" if status else ("reset" if cut else ("lost" if drop else "forwarded"))
                 self.seen.append(Seen(method, url.path, comp, outcome))
 
@@ -311,6 +338,11 @@ class FaultProxy:
                 body, buf = self._read_body(client, buf, length)
                 client.sendall(self._error_response(status, method))
                 continue
+            if hold:
+                self.held.set()
+                while not self._released.wait(0.05):
+                    if self._closed.is_set():
+                        return
             self._send(upstream, head + b"\r\n\r\n")
             if cut:
                 body, buf = self._read_body(client, buf, self._reset_after)

@@ -99,9 +99,11 @@ def run_watched(
     workdir: Path,
     during: Callable[[subprocess.Popen], None] | None = None,
     timeout: float = 300,
+    on_sample: Callable[[Watched], None] | None = None,
 ) -> Watched:
     """Run argv with output to files, sampling /proc for it and its children until it exits.
-    `during` runs while the process is alive (e.g. send requests, then stop it)."""
+    `during` runs while the process is alive (e.g. send requests, then stop it); `on_sample` after
+    every sample, in the sampling thread (e.g. to tell a process it has been seen)."""
     watched = Watched(name)
     out_path, err_path = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -112,6 +114,8 @@ def run_watched(
         while not done.is_set() and proc.poll() is None:
             _sample(proc.pid, watched)
             watched.samples += 1
+            if on_sample is not None:
+                on_sample(watched)
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch, daemon=True)

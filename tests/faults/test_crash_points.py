@@ -2,17 +2,20 @@
 
 One seeded run of TRIALS trials: each trial may add a file (1-3 MiB, 256 KiB blocks), starts
 `gighive-media upload --no-watch` with a bandwidth cap so it is mid-upload most of the time, and
-SIGKILLs it after a random delay. Kills land during start-up, the scan, block staging, the commit,
-the state writes and the DB pointer flip. After one final `retry`, every file must be in Blob,
+SIGKILLs it after a random delay, counted from its start or from its first `uploading` row (a
+state, so a slow machine cannot turn every kill into one during start-up). Kills land during
+start-up, the scan, block staging, the commit, the state writes and the DB pointer flip. After one final `retry`, every file must be in Blob,
 byte-identical, `uploaded` in the state, and the DB must point at the very blob that was verified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -34,6 +37,24 @@ class Trials:
     killed_mid_upload: int = 0  # kills that left a row `uploading`
 
 
+def started_uploading(h, proc: subprocess.Popen, since: float) -> bool:
+    """Wait until this run has set some row `uploading` (True), or has exited first (False)."""
+    path = h.state_dir / "state.sqlite3"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "the run neither started an upload nor ended"
+        with contextlib.suppress(sqlite3.Error):
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            try:
+                q = "SELECT 1 FROM files WHERE state = 'uploading' AND updated_at >= ? LIMIT 1"
+                if conn.execute(q, (since,)).fetchone():
+                    return True
+            finally:
+                conn.close()
+        time.sleep(0.02)
+    return False
+
+
 def run_trials(h, container, roots, rng: random.Random, trials: int, seed: int, after_kill=None) -> Trials:
     t = Trials()
     for trial in range(trials):
@@ -44,15 +65,23 @@ def run_trials(h, container, roots, rng: random.Random, trials: int, seed: int, 
             _, sha = make_content_addressed(roots["video"], size, "mp4", seed=seed + trial)
             t.expected[f"video/{sha}.mp4"] = sha
             t.sizes[f"video/{sha}.mp4"] = size
+        spawned = time.time()
         proc = h.spawn("upload", "--no-watch")
-        delay = rng.uniform(0.3, 2.3)
-        try:
-            proc.wait(timeout=delay)
+        # A third of the kills are timed from the start (start-up and the scan, whose length
+        # depends on the machine); the rest from the moment this run set a row `uploading`, a
+        # state, so on a slow machine they still land in the transfer, verify, commit and flip.
+        early = rng.random() < 1 / 3
+        delay = rng.uniform(0.0, 2.0)
+        if early or started_uploading(h, proc, spawned):
+            try:
+                proc.wait(timeout=delay)
+                t.exited_by_itself += 1
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                t.kills += 1
+        else:
             t.exited_by_itself += 1
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            t.kills += 1
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode in (0, -signal.SIGKILL), f"trial {trial}: exit {proc.returncode}\n{err}"
         if any(r.state == "uploading" for r in records(h).values()):
             t.killed_mid_upload += 1

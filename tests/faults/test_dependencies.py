@@ -238,7 +238,9 @@ def test_clock_jumps_do_not_strand_retries(private_harness, media_roots):
     now = time.time()
     s = StateStore.open(h.state_dir)
     try:
-        schedule = {names[0]: now + 30 * 86400, names[1]: now - 30 * 86400, names[2]: now + 50}
+        # names[2] is half an hour into a backoff that may last up to 1.5 h: still not due when the
+        # retry runs, however slow the machine (50 s was only just ahead of a loaded run's start).
+        schedule = {names[0]: now + 30 * 86400, names[1]: now - 30 * 86400, names[2]: now + 1800}
         for name, when in schedule.items():
             s._db.execute(
                 "UPDATE files SET state = 'failed', attempts = 1, next_attempt_at = ? WHERE blob_name = ?",

@@ -88,7 +88,9 @@ def test_tcp_peers_outside_stream_allowed_peers_get_no_answer(start_server, fres
     for source in ("127.0.0.2", "127.0.1.77"):
         answer = exchange_from(source, srv.tcp, _get(item.url))
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(item.data), answer[:200]
-    wait_for(lambda: "refused a connection from 127.0.0.1" in srv.log_text(), what="the refusal to be logged")
+    wait_for(
+        lambda: "refused a connection from 127.0.0.1" in srv.log_text(), timeout=300, what="the refusal to be logged"
+    )
     # The unix socket is guarded by its file mode (the socket unit), not by addresses: still served.
     assert request(srv.unix, item.url).body == item.data
 
@@ -206,7 +208,7 @@ class Setup:
 def _serve_during(setup: Setup) -> Callable[[subprocess.Popen], None]:
     def during(proc: subprocess.Popen) -> None:
         err = setup.workdir / "serve.stderr"
-        line = wait_for(lambda: re.search(r"serving on (\S+) ", err.read_text()), what="serve to listen")
+        line = wait_for(lambda: re.search(r"serving on (\S+) ", err.read_text()), timeout=300, what="serve to listen")
         addr = Address.parse(line.group(1))
         for url in setup.url_items:
             r = request(addr, url)
@@ -258,14 +260,25 @@ def test_the_leak_finder_finds_a_planted_secret_in_every_place_it_looks(tmp_path
     planted |= {"json": "json-" + secrets.token_hex(16)}
     state = tmp_path / "state"
     state.mkdir()
+    # The child with the planted environment lives until the watch has seen it (a state, not a
+    # duration: a starved sampling thread on a loaded machine could miss a one-second child).
+    seen = tmp_path / "child-seen"
+    child = f"import os, time; t = time.monotonic() + 300\nwhile not os.path.exists({str(seen)!r}) and time.monotonic() < t: time.sleep(0.01)"
     script = (
         "import json, os, subprocess, sys;"
         f"print(json.dumps({{'config': {planted['json']!r}}}));"
         f"print('token=' + {planted['stderr']!r}[:20] + '...', file=sys.stderr);"
         f"open({str(state / 'leaked')!r}, 'w').write({planted['file']!r});"
-        f"subprocess.run(['sleep', '1'], env={{'X': {planted['env']!r}}})"
+        f"subprocess.run([sys.executable, '-c', {child!r}], env={{'X': {planted['env']!r}}})"
     )
-    run = run_watched("leaky", [sys.executable, "-c", script, planted["argv"]], agent_env(), tmp_path)
+
+    def tell_the_child(w: Watched) -> None:
+        if any(planted["env"].encode() in env for env in w.environs.values()):
+            seen.touch()
+
+    run = run_watched(
+        "leaky", [sys.executable, "-c", script, planted["argv"]], agent_env(), tmp_path, on_sample=tell_the_child
+    )
     hits = run.leaks(planted) + file_leaks(planted, [state])
     found = {h.split(" in ", 1)[0] for h in hits}
     assert found == set(planted), hits

@@ -179,7 +179,7 @@ def test_many_slowloris_clients_are_cut_off_while_normal_clients_are_served(
     attack = threading.Thread(target=_trickle_clients, args=(srv.tcp, slowloris, stop, counts), daemon=True)
     attack.start()
     # Let the attack reach full strength before the normal clients come.
-    wait_for(lambda: counts["connections"] >= slowloris, what="the slowloris connections")
+    wait_for(lambda: counts["connections"] >= slowloris, timeout=300, what="the slowloris connections")
     normal = threading.Thread(target=_normal_clients, args=(srv.tcp, items, 10, stop, counts, errors), daemon=True)
     normal.start()
     peak = {"threads": 0}
@@ -696,8 +696,15 @@ def test_azurite_killed_during_streams_gives_502_504_or_a_cut_body_and_the_serve
     lib = _library(tmp_path / "library", az)
     big = lib.add("big", pseudo_random_bytes(32 * 1024 * 1024, seed=91), local=False, blob=True)
     local = lib.add("local", pseudo_random_bytes(100_000, seed=92), local=True, blob=False)
-    # Azurite saves its metadata every few seconds; let the blob reach the disk before killing it.
-    time.sleep(6)
+    # Azurite saves its metadata every few seconds: wait until the blob's record is on disk (its
+    # document in the LokiJS file), or a kill could lose it and fail the rounds for the wrong reason.
+    db_file = az.location / "__azurite_db_blob__.json"
+    wait_for(
+        lambda: db_file.exists() and f'"name":"{big.blob}"' in db_file.read_text(errors="replace"),
+        timeout=300,
+        interval=0.2,
+        what="Azurite to save the blob's metadata",
+    )
     srv: ServerProcess = start_server(
         lib, LOG_LEVEL="info", STREAM_UPSTREAM_TIMEOUT_SECONDS="3", STREAM_STAT_CACHE_SECONDS="0"
     )

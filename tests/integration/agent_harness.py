@@ -43,7 +43,8 @@ class Harness:
         env = {k: v for k, v in os.environ.items() if k in ("AZURE_POD_IDENTITY_AUTHORITY_HOST",)}
         return load(self.config_path, environ=env)
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = False, **popen) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, timeout: float = 600, check: bool = False, **popen) -> subprocess.CompletedProcess:
+        # The timeout only stops a hang: a run on a loaded 2-core machine may take minutes.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
         env.pop("JOURNAL_STREAM", None)
         env.update(popen.pop("env", {}))

@@ -80,7 +80,7 @@ def test_secrets_stay_out_of_logs_status_and_argv(harness, media_roots, tmp_path
     try:
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
     finally:
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=300)
     assert key not in cmdline and "Sup3r" not in cmdline
     # The state database is not world-readable territory for secrets either.
     for root, _dirs, files in os.walk(harness.state_dir):

@@ -137,6 +137,17 @@ def test_mysql_down_upload_still_counts_and_pointer_flips_later(harness, media_r
     assert {r["local_copy"] for r in got.values()} == {0}
 
 
+def pointer_insert_waiting(conn) -> bool:
+    """True once some session's pointer INSERT waits on a table lock (seen from `conn`'s user)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+            "WHERE INFO LIKE %s AND STATE LIKE 'Waiting for table%%'",
+            (f"INSERT INTO `{TABLE}`%",),
+        )
+        return cur.fetchone()[0] > 0
+
+
 def test_kill_9_between_commit_and_db_update_is_repaired(harness, media_roots, media_db, blob_container):
     """The uploader is killed while its pointer write waits on a locked table (blob committed and
     verified, DB not yet updated). The next run flips the pointer without uploading again."""
@@ -147,11 +158,15 @@ def test_kill_9_between_commit_and_db_update_is_repaired(harness, media_roots, m
         cur.execute(f"LOCK TABLES {TABLE} WRITE")
     proc = harness.spawn("upload", "--no-watch")
     try:
-        deadline = time.monotonic() + 60
-        while len(blob_names(blob_container)) < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # Give it a moment to reach the blocked INSERT, then kill it hard.
-        time.sleep(1.0)
+        # Wait for the state, not for a duration: the agent's pointer INSERT is in MariaDB, waiting
+        # on the lock (it comes after the verified commit and the `uploaded` state write), then
+        # kill it hard. The blocker is the same app user, so it sees the agent's sessions.
+        deadline = time.monotonic() + 300
+        while not pointer_insert_waiting(blocker):
+            assert proc.poll() is None, f"the run ended before its pointer write: {proc.communicate()}"
+            assert time.monotonic() < deadline, "the agent never reached its pointer write"
+            time.sleep(0.05)
+        assert blob_names(blob_container)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -126,7 +126,9 @@ class World:
             "AZURE_AUTH_MODE": "connection_string",
             "AZURE_STORAGE_CONNECTION_STRING": self._proxied_connection_string(),
             "AZURE_STORAGE_CONTAINER_NAME": CONTAINER,
-            "AZURE_NETWORK_TIMEOUT": "5",
+            # Outages here are refusals and resets, never a black hole: the timeout only has to
+            # outlast a slow Azurite on a loaded machine (a timeout would be an outage nobody drew).
+            "AZURE_NETWORK_TIMEOUT": "60",
             "MEDIA_ROOTS": f"audio={self.roots['audio']},video={self.roots['video']}",
             "GIGHIVE_MEDIA_STATE_DIR": str(self.state_dir),
             "UPLOAD_SETTLE_SECONDS": "0",
@@ -172,6 +174,7 @@ class World:
         values = self.settings(
             AZURE_STORAGE_CONNECTION_STRING=self.direct_connection_string,
             STREAM_STAT_CACHE_SECONDS="0",
+            STREAM_UPSTREAM_TIMEOUT_SECONDS="60",
             STREAM_ALLOWED_PEERS="localhost",
             STREAM_IDLE_EXIT_SECONDS="0",
             LOG_LEVEL="info",
@@ -184,7 +187,7 @@ class World:
         self.server = _proc.spawn(
             [sys.executable, "-m", "agent", "serve", "--config", str(cfg), "--listen", "127.0.0.1:0"], log, env=env
         )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while True:
             m = re.search(r"serving on (\S+?)[ ,]", log.read_text(errors="replace"))
             if m:

@@ -74,7 +74,7 @@ class Azurite:
         oauth: bool = False,
         port: int = 0,
         binary: str | None = None,
-        startup_timeout: float = 60.0,
+        startup_timeout: float = 180.0,
         debug_log: bool = False,
         extra_args: tuple[str, ...] = (),
         in_memory: bool = False,
@@ -235,8 +235,9 @@ class Azurite:
             f"--- {self.log_path} ---\n{_proc.tail(self.log_path, offset)}"
         )
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Clean shutdown: Azurite saves its metadata, so everything survives a later start()."""
+    def stop(self, timeout: float = 120.0) -> None:
+        """Clean shutdown: Azurite saves its metadata, so everything survives a later start().
+        The timeout is a safety net: a SIGKILL after it could lose the metadata of a slow save."""
         self.resume()
         _proc.terminate(self._proc, timeout)
         self._proc = None

@@ -129,7 +129,7 @@ class MariaDB:
         user: str = "gighive",
         password: str | None = None,
         port: int = 0,
-        startup_timeout: float = 90.0,
+        startup_timeout: float = 300.0,
     ) -> None:
         self.basedir = Path(basedir)
         self.basedir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +357,7 @@ class MariaDB:
         finally:
             conn.close()
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, timeout: float = 180.0) -> None:
         """Clean shutdown (SIGTERM)."""
         _proc.terminate(self._proc, timeout)
         self._proc = None

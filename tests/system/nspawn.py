@@ -73,7 +73,7 @@ class Container:
     def __exit__(self, *exc: object) -> None:
         self.poweroff()
 
-    def boot(self, timeout: float = 90.0) -> None:
+    def boot(self, timeout: float = 300.0) -> None:
         self.root.mkdir(parents=True)
         subprocess.run(["tar", "--zstd", "-C", str(self.root), "--numeric-owner", "-xf", str(self.tarball)], check=True)
         env = dict(os.environ)
@@ -95,7 +95,7 @@ class Container:
         self._nspawn = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        self.leader = wait_for(self._find_leader, timeout=30, what="the container's init process")
+        self.leader = wait_for(self._find_leader, timeout=120, what="the container's init process")
         # "offline" until PID 1 answers on its private socket, then "initializing"/"starting".
         last: list[str] = []
 
@@ -202,7 +202,7 @@ class Container:
     def journal(self, unit: str, *extra: str) -> str:
         return self.run(["journalctl", "--no-pager", "-u", unit, *extra], check=False).stdout
 
-    def wait_inactive(self, unit: str, timeout: float = 60.0) -> dict[str, str]:
+    def wait_inactive(self, unit: str, timeout: float = 300.0) -> dict[str, str]:
         """Wait until unit is no longer starting or running; return its state properties."""
         props = ("ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts", "ConditionResult")
 
