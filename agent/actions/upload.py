@@ -29,7 +29,7 @@ def run(config: Config, watch: bool = True, idle_exit: float | None = None) -> d
         try:
             scan = worker.scan()
             report = RunReport()
-            report.add(worker.housekeeping())
+            report.add(worker.housekeeping(audit=False))
             report.add(worker.run_due())
             if watcher is not None and worker.outage is None:
                 report.add(_watch(worker, watcher, idle))
