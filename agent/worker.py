@@ -122,8 +122,17 @@ class Worker:
         """Full scan of every root: the safety net for events inotify missed (NFS, overflow, downtime)."""
         report = ScanReport()
         known = self.state.snapshot()
-        for mf, st in walk(self.config, report):
-            self._observe(mf, st, report, known)
+
+        def unknown():
+            for mf, st in walk(self.config, report):
+                if known.get(mf.blob_name) != (st.st_size, st.st_mtime_ns, st.st_ino):
+                    yield mf.blob_name, mf.root.name, str(mf.path), st, self._not_before(st)
+
+        # Recorded a few thousand files per transaction: a library of small files found at once
+        # (a first run, a restore) would otherwise commit one row at a time.
+        verdicts = self.state.observe_many(unknown(), on_changed=self._log_changed)
+        report.new += verdicts["new"]
+        report.changed += verdicts["changed"]
         for where, problem in report.root_errors.items():
             log.error("media root %s: %s", where, problem, extra={"fields": {"root": where}})
         # Files under an unreadable root never reach the queue, so only this record lets
@@ -159,16 +168,20 @@ class Worker:
     def _observe(self, mf: MediaFile, st: os.stat_result, report: ScanReport, known) -> None:
         if known is not None and known.get(mf.blob_name) == (st.st_size, st.st_mtime_ns, st.st_ino):
             return
-        # A future mtime (clock stepped back, skewed NFS server) must not schedule the file days ahead.
-        not_before = min(st.st_mtime, time.time()) + self.config.settle_seconds
-        verdict = self.state.observe(mf.blob_name, mf.root.name, str(mf.path), st, not_before)
+        verdict = self.state.observe(mf.blob_name, mf.root.name, str(mf.path), st, self._not_before(st))
         if verdict == "new":
             report.new += 1
         elif verdict == "changed":
             report.changed += 1
-            log.info(
-                "file changed on disk, queued again: %s", mf.blob_name, extra={"fields": {"blob_name": mf.blob_name}}
-            )
+            self._log_changed(mf.blob_name)
+
+    def _not_before(self, st: os.stat_result) -> float:
+        # A future mtime (clock stepped back, skewed NFS server) must not schedule the file days ahead.
+        return min(st.st_mtime, time.time()) + self.config.settle_seconds
+
+    @staticmethod
+    def _log_changed(blob_name: str) -> None:
+        log.info("file changed on disk, queued again: %s", blob_name, extra={"fields": {"blob_name": blob_name}})
 
     # ---- doing work ------------------------------------------------------------------------
 

@@ -246,11 +246,8 @@ class AzureBlobStore:
             self.credential = build_credential(config)
             self.service = BlobServiceClient(config.endpoint, credential=self.credential, **common)
         self.container = self.service.get_container_client(self.container_name)
+        # Small files' Put Blob on urllib3 (see _fast_put); the stream server never uploads.
         self._put_blob = None if interactive else _fast_put(config, self, pool, session.proxies)
-
-    def close(self) -> None:
-        if self._put_blob is not None:
-            self._put_blob.close()
 
     def _call(self, fn: Callable[[], T]) -> T:
         try:

@@ -162,7 +162,7 @@ class PutBlob:
             "x-ms-meta-sha256": sha256,
             "x-ms-version": self.api_version,
             "x-ms-date": formatdate(usegmt=True),
-            "x-ms-client-request-id": str(uuid.uuid1()),
+            "x-ms-client-request-id": str(uuid.uuid4()),
         }
         if not overwrite:
             headers["If-None-Match"] = "*"
