@@ -446,6 +446,8 @@ class AzureBlobStore:
                 answer = self._put_blob.put(name, data, content_type, md5, sha256, overwrite)
             except ClientAuthenticationError as e:  # no token: what the SDK's policy would raise
                 raise StoreUnavailable(_describe(e), outage=True) from e
+            except azure_put.Refused as e:
+                raise _listing_error(e.status, e.body, e.headers, "Put Blob refused") from e
             except azure_put.Fallback as e:
                 # The SDK sends it again and reports any failure exactly as it always has; the
                 # fast path's try counts as the first of the SDK's tries.
@@ -566,7 +568,9 @@ def _listed(blob: ET.Element) -> tuple[str, Listed] | None:
     )
 
 
-def _listing_error(status: int, body: bytes, headers: Any = None) -> StoreUnavailable:
+def _listing_error(status: int, body: bytes, headers: Any = None, what: str = "List Blobs failed") -> StoreUnavailable:
+    """A refusal answered to a hand-built request (a listing, a fast Put Blob) as the SDK's
+    errors are reported: the same one line (refusal_text) and the same outage rule."""
     details: dict[str, str] = {}
     try:
         root = ET.fromstring(body)  # noqa: S314 - see list_entries
@@ -574,8 +578,10 @@ def _listing_error(status: int, body: bytes, headers: Any = None) -> StoreUnavai
         details = {c.tag.lower(): (c.text or "").strip() for c in root if c.tag not in ("Code", "Message")}
     except ET.ParseError:
         code, message = "", []
+    # A HEAD-like answer without a body still names its error in this header (the SDK reads it too).
+    code = code or (headers or {}).get("x-ms-error-code") or ""
     request_id = (headers or {}).get("x-ms-request-id")
-    text = refusal_text(status, code, message[0] if message else "List Blobs failed", details, request_id)
+    text = refusal_text(status, code, message[0] if message else what, details, request_id)
     outage = status >= 500 or status in (401, 403, 408, 429) or code == "ContainerNotFound"
     return StoreUnavailable(text, outage=outage)
 

@@ -7,10 +7,11 @@ that overhead, which put the agent at twice rclone's CPU. This sends the same RE
 headers the SDK sends, checked by tests/unit/test_azure_put.py against the SDK's own request) on
 one urllib3 connection pool, signed with the same Shared Key or bearer token.
 
-It is the fast path only: the first answer that is not a plain success (a refusal, a 5xx, a
-broken connection, a timeout, a token challenge) makes the caller send the file again through
-the SDK, whose retry policy, error mapping and messages then apply unchanged. So the SDK stays
-the one place that knows how to fail, and this module only needs to know how to succeed.
+It is the fast path only: an answer that is not a plain success, and that the SDK would retry or
+map in its own way (a 5xx, a broken connection, a timeout, a token challenge, a 404 or 409), makes
+the caller send the file again through the SDK, whose retry policy, error mapping and messages
+then apply unchanged. A refusal the SDK would not retry either (400 Md5Mismatch, 403) is reported
+from this answer in the same words (`Refused`), without a second request.
 
 Public REST only: the Put Blob and Shared Key signing rules are Azure's documented ones, and the
 token comes from the credential's public get_token. No SDK internals are used.
@@ -40,6 +41,22 @@ TOKEN_REFRESH_MARGIN = 300.0
 
 class Fallback(Exception):
     """The fast path did not succeed: send the file through the SDK instead (why, for debugging)."""
+
+
+class Refused(Exception):
+    """The service refused the request in a way the SDK would not retry either (400 Md5Mismatch,
+    403 AuthenticationFailed, ...): sending it again through the SDK would only repeat it."""
+
+    def __init__(self, status: int, body: bytes, headers: Any):
+        super().__init__(f"HTTP {status}")
+        self.status, self.body, self.headers = status, body, headers
+
+
+# Answers the SDK's own request would meet differently from a plain refusal: 401 (a bearer
+# challenge it answers), 404 (ResourceNotFoundError, which callers tell apart), 408 (retried),
+# 409/412 (existence and conditions, mapped by error code). Everything else from 400 to 499 the
+# SDK's retry policy gives up on at once (tests/unit/test_azure_put.py checks the list).
+SDK_HANDLES = frozenset((401, 404, 408, 409, 412))
 
 
 @dataclass(frozen=True)
@@ -202,4 +219,6 @@ class PutBlob:
             )
         if status == 409 and not overwrite and response.headers.get("x-ms-error-code") == "BlobAlreadyExists":
             return PutAnswer(exists=True)
+        if 400 <= status < 500 and status not in SDK_HANDLES:
+            raise Refused(status, response.data, response.headers)
         raise Fallback(f"HTTP {status} {response.headers.get('x-ms-error-code', '')}")

@@ -120,3 +120,19 @@ def test_a_sas_url_is_not_taken() -> None:
             ca_bundle=None,
             user_agent="test",
         )
+
+
+def test_what_is_reported_without_the_sdk_is_what_the_sdk_would_not_retry() -> None:
+    """A refusal reported straight from the fast path's answer (azure_put.Refused) must be one the
+    SDK's retry policy gives up on at once; the rest go through the SDK."""
+    from azure.storage.blob._shared.models import LocationMode
+    from azure.storage.blob._shared.policies import is_retry
+
+    def retried(status: int) -> bool:
+        http = SimpleNamespace(status_code=status, headers={})
+        return is_retry(SimpleNamespace(http_response=http), LocationMode.PRIMARY)
+
+    for status in range(400, 500):
+        if status not in azure_put.SDK_HANDLES:
+            assert not retried(status), status
+    assert retried(408) and retried(500) and retried(503)
