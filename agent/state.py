@@ -13,7 +13,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,18 +341,31 @@ class StateStore:
         with self._tx() as db:
             return self._observe(db, time.time(), blob_name, root, path, st, not_before)
 
-    def observe_many(self, items: Iterable[tuple[str, str, str, os.stat_result, float]], batch: int = 2000) -> dict:
+    def observe_many(
+        self,
+        items: Iterable[tuple[str, str, str, os.stat_result, float]],
+        batch: int = 2000,
+        on_changed: Callable[[str], None] | None = None,
+    ) -> dict:
         """observe() for many files, a few thousand per transaction: a 100,000-file migration
-        would otherwise spend most of its enqueueing time committing one row at a time."""
+        would otherwise spend most of its enqueueing time committing one row at a time.
+        `on_changed(blob_name)` is called for each file found changed, after its batch committed."""
         verdicts = {"new": 0, "changed": 0, "known": 0}
         chunk: list[tuple[str, str, str, os.stat_result, float]] = []
 
         def flush() -> None:
+            changed = []
             with self._tx() as db:
                 now = time.time()
                 for item in chunk:
-                    verdicts[self._observe(db, now, *item)] += 1
+                    verdict = self._observe(db, now, *item)
+                    verdicts[verdict] += 1
+                    if verdict == "changed":
+                        changed.append(item[0])
             chunk.clear()
+            if on_changed is not None:
+                for name in changed:
+                    on_changed(name)
 
         for item in items:
             chunk.append(item)

@@ -17,8 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import interrupts, safety
@@ -61,15 +60,15 @@ class RunReport:
     errors: list[dict[str, str]] = field(default_factory=list)
 
     def add(self, other: RunReport) -> None:
-        for name in self.__dataclass_fields__:
-            value = getattr(other, name)
-            if isinstance(value, list):
-                getattr(self, name).extend(value)
-            else:
-                setattr(self, name, getattr(self, name) + value)
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.errors.extend(other.errors)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+_COUNTERS = tuple(f.name for f in fields(RunReport) if f.name != "errors")
 
 
 class Worker:
@@ -125,8 +124,17 @@ class Worker:
         """Full scan of every root: the safety net for events inotify missed (NFS, overflow, downtime)."""
         report = ScanReport()
         known = self.state.snapshot()
-        for mf, st in walk(self.config, report):
-            self._observe(mf, st, report, known)
+
+        def unknown():
+            for mf, st in walk(self.config, report):
+                if known.get(mf.blob_name) != (st.st_size, st.st_mtime_ns, st.st_ino):
+                    yield mf.blob_name, mf.root.name, str(mf.path), st, self.arrivals.observed(mf, st)
+
+        # Recorded a few thousand files per transaction: a library of small files found at once
+        # (a first run, a restore) would otherwise commit one row at a time.
+        verdicts = self.state.observe_many(unknown(), on_changed=self._log_changed)
+        report.new += verdicts["new"]
+        report.changed += verdicts["changed"]
         for where, problem in report.root_errors.items():
             log.error("media root %s: %s", where, problem, extra={"fields": {"root": where}})
         # Files under an unreadable root never reach the queue, so only this record lets
@@ -168,9 +176,11 @@ class Worker:
             report.new += 1
         elif verdict == "changed":
             report.changed += 1
-            log.info(
-                "file changed on disk, queued again: %s", mf.blob_name, extra={"fields": {"blob_name": mf.blob_name}}
-            )
+            self._log_changed(mf.blob_name)
+
+    @staticmethod
+    def _log_changed(blob_name: str) -> None:
+        log.info("file changed on disk, queued again: %s", blob_name, extra={"fields": {"blob_name": blob_name}})
 
     # ---- doing work ------------------------------------------------------------------------
 
@@ -190,50 +200,72 @@ class Worker:
         report = RunReport()
         if not due:
             return report
+        # Each file thread takes the next record itself and adds its result to the run's report:
+        # no future, waiter or condition per file, which on small files cost more CPU than the
+        # bookkeeping they carried. A thread takes a record only when it is free, so a stop
+        # leaves the rest untouched (each is then held back at once, see process()).
+        records = iter(due)
+        take = threading.Lock()
+        failure: list[BaseException] = []
+        notify = on_result is None and self.notifier.enabled
 
-        def finished(rec: FileRecord, result: RunReport) -> None:
-            report.add(result)
-            with self._progress_lock:
-                self.totals.add(result)
-                t = self.totals
-                if on_result is None:
-                    self.notifier.status(
-                        f"uploaded {t.uploaded + t.already_present}, failed {t.failed + t.dead}, "
-                        f"quarantined {t.quarantined}, {t.bytes_uploaded} bytes sent"
-                    )
-            if on_result is not None:
-                on_result(rec, result)
+        def work() -> None:
+            while not failure:
+                with take:
+                    rec = next(records, None)
+                if rec is None:
+                    return
+                try:
+                    result = self.process(rec)
+                    with self._progress_lock:
+                        report.add(result)
+                        if notify:
+                            self._status(report)
+                        if on_result is not None:
+                            on_result(rec, result)
+                except BaseException as e:  # a state-database failure: the run stops
+                    failure.append(e)
+                    self.stop.set()
+                    return
 
-        # Files are handed to the pool a few at a time rather than all at once: a 100,000-file
-        # migration would otherwise hold 100,000 futures, and Ctrl-C could only stop it after the
-        # pool had worked through every one of them.
-        window = self.config.file_concurrency * 2
-        pool = ThreadPoolExecutor(self.config.file_concurrency, thread_name_prefix="file")
-        inflight: dict[Future[RunReport], FileRecord] = {}
+        threads = [
+            threading.Thread(target=work, name=f"file-{i}", daemon=True)
+            for i in range(min(self.config.file_concurrency, len(due)))
+        ]
         try:
-            for rec in due:
-                if len(inflight) >= window:
-                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        finished(inflight.pop(fut), fut.result())
-                inflight[pool.submit(self.process, rec)] = rec
-            for fut in as_completed(list(inflight)):
-                finished(inflight.pop(fut), fut.result())
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         except BaseException:
-            # A state-database failure (or a KeyboardInterrupt where no stop handler is installed):
-            # start no more files, and stop the ones in flight between two blocks.
+            # A KeyboardInterrupt where no stop handler is installed: start no more files, and
+            # stop the ones in flight between two blocks.
             self.stop.set()
+            failure.append(KeyboardInterrupt())
             if interrupts.requested():
                 interrupts.finish()
-            pool.shutdown(wait=True, cancel_futures=True)
+            for t in threads:
+                t.join()
             raise
         if interrupts.requested():
             # SIGINT/SIGTERM: the files left were held back; the stopper records the ones in
             # flight and leaves. Joining threads that may sit in a socket read would not be prompt,
             # and closing the state under them (unwinding) would fail their last writes.
             interrupts.finish()
-        pool.shutdown(wait=True)
+        with self._progress_lock:
+            self.totals.add(report)
+        if failure:
+            raise failure[0]
         return report
+
+    def _status(self, run: RunReport) -> None:
+        """The STATUS line: this process's totals so far (earlier runs' and this one's)."""
+        t = self.totals
+        self.notifier.status(
+            f"uploaded {t.uploaded + t.already_present + run.uploaded + run.already_present}, "
+            f"failed {t.failed + t.dead + run.failed + run.dead}, "
+            f"quarantined {t.quarantined + run.quarantined}, {t.bytes_uploaded + run.bytes_uploaded} bytes sent"
+        )
 
     def process(self, rec: FileRecord) -> RunReport:
         report = RunReport()

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import io
 import logging
+import platform
 import re
 import socket
 import threading
@@ -34,7 +35,8 @@ from azure.core.exceptions import (
 from azure.core.pipeline.transport import RequestsTransport
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContentSettings, ExponentialRetry, LinearRetry
 
-from ..config import Config
+from .. import __version__
+from ..config import Config, _connection_string_parts
 from ..media import MediaFile
 from . import (
     Listed,
@@ -44,6 +46,7 @@ from . import (
     RangeReader,
     StoreUnavailable,
     UpstreamError,
+    azure_put,
     azure_sdk_private,
     iter_range,
 )
@@ -219,8 +222,9 @@ class AzureBlobStore:
         transport = RequestsTransport(session=session, session_owner=False, **transport_kwargs)
         # Short in-request retries: the upload queue owns the long backoff across runs, and a
         # stream request must not hang for the SDK's default 15 s + 18 s + 24 s: about 3 s here.
+        self._retry_total = 2
         retry: ExponentialRetry | LinearRetry = ExponentialRetry(
-            initial_backoff=0.5, increment_base=2, retry_total=2, random_jitter_range=0.5
+            initial_backoff=0.5, increment_base=2, retry_total=self._retry_total, random_jitter_range=0.5
         )
         if interactive:
             # The stream server: a viewer is waiting, and a thread is held; the SDK's exponential
@@ -242,6 +246,8 @@ class AzureBlobStore:
             self.credential = build_credential(config)
             self.service = BlobServiceClient(config.endpoint, credential=self.credential, **common)
         self.container = self.service.get_container_client(self.container_name)
+        # Small files' Put Blob on urllib3 (see _fast_put); the stream server never uploads.
+        self._put_blob = None if interactive else _fast_put(config, self, pool, session.proxies)
 
     def _call(self, fn: Callable[[], T]) -> T:
         try:
@@ -434,6 +440,21 @@ class AzureBlobStore:
         against the whole body before storing it; the returned ObjectInfo holds the MD5 the
         service computed, the ETag and the size, so the caller can verify without another request.
         """
+        options: dict[str, Any] = {}
+        if self._put_blob is not None:
+            try:
+                answer = self._put_blob.put(name, data, content_type, md5, sha256, overwrite)
+            except ClientAuthenticationError as e:  # no token: what the SDK's policy would raise
+                raise StoreUnavailable(_describe(e), outage=True) from e
+            except azure_put.Refused as e:
+                raise _listing_error(e.status, e.body, e.headers, "Put Blob refused") from e
+            except azure_put.Fallback as e:
+                # The SDK sends it again and reports any failure exactly as it always has; the
+                # fast path's try counts as the first of the SDK's tries.
+                log.debug("Put Blob of %s through the SDK: %s", name, e)
+                options["retry_total"] = max(0, self._retry_total - 1)
+            else:
+                return None if answer.exists else answer.info
         try:
             result = self._call(
                 lambda: self.blob(name).upload_blob(
@@ -443,6 +464,7 @@ class AzureBlobStore:
                     content_settings=ContentSettings(content_type=content_type, content_md5=bytearray(md5)),
                     metadata={SHA256_METADATA_KEY: sha256},
                     transactional_content_md5=bytearray(md5),
+                    **options,
                 )
             )
         except StoreUnavailable as e:
@@ -470,6 +492,38 @@ class AzureBlobStore:
             self._call(lambda: self.blob(name).delete_blob(**kwargs))
         except ResourceNotFoundError:
             return
+
+
+def _fast_put(config: Config, store: AzureBlobStore, pool_size: int, proxies: dict[str, str]) -> Any:
+    """The urllib3 Put Blob for small files (agent/storage/azure_put.py), or None where it does
+    not apply: a proxy in the way, or a credential it cannot sign with (a SAS connection string)."""
+    if proxies:
+        return None
+    if config.auth_mode == "connection_string":
+        assert config.connection_string is not None
+        parts = _connection_string_parts(config.connection_string.reveal())
+        key = parts.get("accountkey")
+        if not key:
+            return None
+        try:
+            auth: azure_put.SharedKey | azure_put.BearerToken = azure_put.SharedKey(store.service.account_name, key)
+        except ValueError:  # not base64: the SDK reports the key when it signs
+            return None
+    else:
+        auth = azure_put.BearerToken(store.credential)
+    try:
+        return azure_put.PutBlob(
+            store.container.url,
+            store.service.api_version,
+            auth,
+            timeout=config.network_timeout,
+            pool_size=pool_size,
+            ca_bundle=str(config.ca_bundle) if config.ca_bundle else None,
+            user_agent=f"gighive-media-agent/{__version__} Python/{platform.python_version()}",
+        )
+    except ValueError as e:
+        log.debug("small files go through the SDK: %s", e)
+        return None
 
 
 def _listed(blob: ET.Element) -> tuple[str, Listed] | None:
@@ -514,7 +568,9 @@ def _listed(blob: ET.Element) -> tuple[str, Listed] | None:
     )
 
 
-def _listing_error(status: int, body: bytes, headers: Any = None) -> StoreUnavailable:
+def _listing_error(status: int, body: bytes, headers: Any = None, what: str = "List Blobs failed") -> StoreUnavailable:
+    """A refusal answered to a hand-built request (a listing, a fast Put Blob) as the SDK's
+    errors are reported: the same one line (refusal_text) and the same outage rule."""
     details: dict[str, str] = {}
     try:
         root = ET.fromstring(body)  # noqa: S314 - see list_entries
@@ -522,8 +578,10 @@ def _listing_error(status: int, body: bytes, headers: Any = None) -> StoreUnavai
         details = {c.tag.lower(): (c.text or "").strip() for c in root if c.tag not in ("Code", "Message")}
     except ET.ParseError:
         code, message = "", []
+    # A HEAD-like answer without a body still names its error in this header (the SDK reads it too).
+    code = code or (headers or {}).get("x-ms-error-code") or ""
     request_id = (headers or {}).get("x-ms-request-id")
-    text = refusal_text(status, code, message[0] if message else "List Blobs failed", details, request_id)
+    text = refusal_text(status, code, message[0] if message else what, details, request_id)
     outage = status >= 500 or status in (401, 403, 408, 429) or code == "ContainerNotFound"
     return StoreUnavailable(text, outage=outage)
 
