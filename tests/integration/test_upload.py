@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import time
 
 from agent.actions import retry, upload
 from agent.state import StateStore
+from agent.watch import RootWatcher
 from tests.integration.agent_harness import (
     Harness,
     blob_bytes,
@@ -325,18 +325,20 @@ def test_file_that_changed_after_verification_is_not_deleted(harness, blob_conta
     assert thumb.exists()
 
 
-def test_watch_mode_uploads_files_that_arrive_while_running(harness, blob_container, media_roots):
+def test_watch_mode_uploads_files_that_arrive_while_running(harness, blob_container, media_roots, monkeypatch):
     cfg = harness.config(UPLOAD_IDLE_EXIT_SECONDS="4")
     arrived = []
+    original_read = RootWatcher.read
 
-    def arrive():
-        time.sleep(1.0)
-        arrived.append(make_content_addressed(media_roots["audio"], 2000, "mp3", seed=11))
+    def read_after_arrival(self, timeout_s):
+        # The file lands once the run is surely watching (its first read), however slow the
+        # machine: a thread sleeping a second could wake after the idle exit.
+        if not arrived:
+            arrived.append(make_content_addressed(media_roots["audio"], 2000, "mp3", seed=11))
+        return original_read(self, timeout_s)
 
-    t = threading.Thread(target=arrive)
-    t.start()
+    monkeypatch.setattr(RootWatcher, "read", read_after_arrival)
     result = upload.run(cfg, watch=True)
-    t.join()
     _, sha = arrived[0]
     assert f"audio/{sha}.mp3" in blob_names(blob_container)
     assert result["uploaded"] == 1

@@ -29,7 +29,7 @@ SERVE_ARGV = [sys.executable, "-m", "agent", "serve"]
 _SERVING_RE = re.compile(r"serving on (.+?) \(")
 
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+def wait_for(predicate, timeout: float = 300.0, interval: float = 0.02, what: str = "condition"):
     """Poll until predicate() is truthy; a generous deadline, not a performance threshold."""
     deadline = time.monotonic() + timeout
     while True:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.config import Config, MediaRoot
@@ -145,13 +145,13 @@ _PIECES = st.sampled_from(
 )
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_PIECES, min_size=0, max_size=7), st.sampled_from(["/", "", "//", "http://h/", "/./"]))
 def test_structured_targets_never_escape_the_roots(pieces: list[str], prefix: str) -> None:
     _assert_inside(prefix + "/".join(pieces))
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(min_size=0, max_size=200))
 def test_arbitrary_targets_never_escape_the_roots(text: str) -> None:
     _assert_inside(text)

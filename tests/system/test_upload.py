@@ -53,12 +53,12 @@ def test_file_moved_into_a_media_root_is_uploaded_by_the_path_unit(
     landed_at = time.time()  # the container shares the host's clock
     name = land(installed, setup.roots["video"], data)
     blob = blob_container.get_blob_client(f"video/{name}")
-    wait_for(blob.exists, timeout=60, interval=0.1, what=f"blob video/{name}")
+    wait_for(blob.exists, timeout=300, interval=0.1, what=f"blob video/{name}")
     assert blob.download_blob().readall() == data
     props = blob.get_blob_properties()
     assert props.metadata.get("sha256") == name.split(".")[0], props.metadata
 
-    final = installed.wait_inactive(SERVICE, timeout=60)
+    final = installed.wait_inactive(SERVICE, timeout=300)
     log = installed.journal(SERVICE, "-o", "cat")
     assert final["Result"] == "success" and final["ExecMainStatus"] == "0", log
     assert "Logging error" not in log, log
@@ -103,7 +103,7 @@ def test_while_azure_is_down_the_file_stays_local_and_the_timer_uploads_it_later
     azurite.stop()
     data = os.urandom(256 * 1024)
     name = land(installed, setup.roots["video"], data)
-    wait_for(lambda: "Started gighive-media-upload" in installed.journal(SERVICE), timeout=30, what="a run")
+    wait_for(lambda: "Started gighive-media-upload" in installed.journal(SERVICE), timeout=300, what="a run")
     run = installed.wait_inactive(SERVICE, timeout=120)
     log = installed.journal(SERVICE, "-o", "cat")
     # A failed upload is recorded for the timer, not reported as a failed unit.
@@ -118,7 +118,7 @@ def test_while_azure_is_down_the_file_stays_local_and_the_timer_uploads_it_later
     installed.systemctl("start", "gighive-media-retry.timer")
     wait_for(
         lambda: installed.journal("gighive-media-retry.service").count("Finished gighive-media-retry") >= 2,
-        timeout=90,
+        timeout=300,
         what="two retry runs while Azure is down",
     )
     for unit in ("gighive-media-upload.path", "gighive-media-retry.timer"):
@@ -128,7 +128,7 @@ def test_while_azure_is_down_the_file_stays_local_and_the_timer_uploads_it_later
 
     azurite.start()  # same port: the configured connection string still points at it
     blob = blob_container.get_blob_client(f"video/{name}")
-    wait_for(blob.exists, timeout=90, interval=0.5, what="the timer's retry to upload the blob")
+    wait_for(blob.exists, timeout=300, interval=0.5, what="the timer's retry to upload the blob")
     assert blob.download_blob().readall() == data
     retry_log = installed.journal("gighive-media-retry.service", "-o", "cat")
     assert f"video/{name}" in retry_log, retry_log
