@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,18 @@ def _keep_loopback_off_proxies() -> None:
 
 
 _keep_loopback_off_proxies()
+
+
+def _children_hear_ctrl_c() -> None:
+    # A launcher that started the suite in the background (`cmd &` in a script, some CI runners)
+    # leaves SIGINT ignored, and an ignored signal stays ignored across exec: every agent the
+    # tests start would then ignore a Ctrl-C that lands before its own handler is installed, as
+    # no terminal user's agent does. A handler (not SIG_IGN) here gives each child the default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_children_hear_ctrl_c()
 
 # Session services that the per-test guard keeps healthy.
 _azurites: list[Azurite] = []
