@@ -240,7 +240,7 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
         worker.hold = safety.held(state, config)
         worker.notifier.ready("migrate --to-local")
         try:
-            found = survey(config, names, store, state, db, getattr(opts, "include_unlisted", False))
+            found = survey(config, names, store, state, db, opts.include_unlisted)
         except StoreUnavailable as e:
             return {"to_local": True, "error": "unavailable", "message": str(e)}, EXIT_UNAVAILABLE
         except PointerUnavailable as e:
@@ -401,7 +401,8 @@ def check(config: Config, names: list[str]) -> tuple[dict[str, object], int]:
         reasons.append(f"{len(found.differs)} local file(s) differ from their blob (e.g. {found.differs[0]})")
     # The row of an asset GigHive deleted still says azure_blob (GigHive never touches our table);
     # nothing reads it, and its blob stays until the purge, which drops the row too.
-    pointing = [n for n in found.pointers_to_blob if n not in set(found.left_in_blob)]
+    left = set(found.left_in_blob)
+    pointing = [n for n in found.pointers_to_blob if n not in left]
     if pointing and not found.missing:
         reasons.append(f"{len(pointing)} DB pointer(s) still say azure_blob: run migrate --to-local to flip them")
     result: dict[str, object] = {
