@@ -47,6 +47,12 @@ class StateError(AgentError):
     exit_code = EXIT_CANTCREAT
 
 
+class CannotWrite(AgentError):
+    """A file the command must write (besides the state) cannot be written: nothing was changed."""
+
+    exit_code = EXIT_CANTCREAT
+
+
 class Unavailable(AgentError):
     """Azure Blob or MySQL cannot be used, and the command has no way to record it for later."""
 

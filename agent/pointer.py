@@ -264,6 +264,38 @@ class PointerDB:
             return None
         return {(str(r[0]), str(r[1]).lower()) for r in self._execute("SELECT file_type, checksum_sha256 FROM assets")}
 
+    def asset_rows(self) -> tuple[dict[tuple[str, str], int], int | None] | None:
+        """Every asset's key with its `asset_id` (the lowest, when tenants share a file), and the
+        table's next AUTO_INCREMENT value; None without the table.
+
+        The ids are not keys (a TRUNCATE reuses them), but they are a witness that the table was
+        rebuilt: GigHive's admin delete removes rows and leaves every other row's id and the
+        counter alone, while a TRUNCATE and refill, or a DROP and a restore, renumber rows or move
+        the counter back (agent.deletes)."""
+        exists = self._execute(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = 'assets'",
+            (self.cfg.database,),
+        )[0][0]
+        if not exists:
+            return None
+        ids: dict[tuple[str, str], int] = {}
+        for file_type, checksum, asset_id in self._execute("SELECT file_type, checksum_sha256, asset_id FROM assets"):
+            key = (str(file_type), str(checksum).lower())
+            ids[key] = min(int(asset_id), ids.get(key, int(asset_id)))
+        return ids, self._next_asset_id()
+
+    def _next_asset_id(self) -> int | None:
+        # MySQL 8 answers information_schema's AUTO_INCREMENT from a cache (for a day by default)
+        # unless the session asks for live figures; MariaDB has no such variable and is always live.
+        if "mariadb" not in str(self._execute("SELECT VERSION()")[0][0]).lower():
+            with contextlib.suppress(PointerUnavailable):
+                self._execute("SET SESSION information_schema_stats_expiry = 0")
+        rows = self._execute(
+            "SELECT AUTO_INCREMENT FROM information_schema.tables WHERE table_schema = %s AND table_name = 'assets'",
+            (self.cfg.database,),
+        )
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
     def busy_checksums(self) -> set[str]:
         """sha256 of every asset GigHive is still working on: an `ai_jobs` row queued or running
         for it, or an upload job in progress that holds it (tables absent: nothing is busy)."""

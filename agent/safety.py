@@ -30,10 +30,11 @@ import stat
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
+from .errors import CannotWrite
 from .media import media_file_for_blob
 from .pointer import PointerDB, PointerUnavailable, asset_key
 from .state import POINTER_NONE, POINTER_PENDING, FileRecord, StateStore
@@ -126,14 +127,14 @@ def hold_markers(config: Config) -> list[Path]:
     return list(seen.values())
 
 
-def held(state: StateStore | None, config: Config | None = None) -> str | None:
+def held(state: StateStore | None, config: Config) -> str | None:
     """When `migrate --to-local` set the hold (ISO time), else None.
 
     Either witness is enough: the state's row, or a marker in a media root. A marker that cannot
     be read counts as a hold: a missing witness never lets eviction resume.
     """
     since = state.get_meta(HOLD_KEY) if state is not None else None
-    if since is not None or config is None:
+    if since is not None:
         return since
     for marker in hold_markers(config):
         try:
@@ -146,33 +147,40 @@ def held(state: StateStore | None, config: Config | None = None) -> str | None:
     return None
 
 
-def set_hold(state: StateStore, config: Config | None = None) -> None:
+def set_hold(state: StateStore, config: Config) -> None:
+    """Raises CannotWrite (exit 73) when a marker cannot be written: the way back then stops
+    before it changes anything, since a hold without its second witness could be lost."""
     since = held(state, config)
     if since is None or since.startswith("unknown"):
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if config is not None:
-        # The markers first: they are what survives a lost state directory.
-        for marker in hold_markers(config):
+    # The markers first: they are what survives a lost state directory.
+    for marker in hold_markers(config):
+        try:
             _write_durably(
                 marker,
                 f"{since}\nSet by `gighive-media migrate --to-local`: nothing is evicted until the forward "
                 "`gighive-media migrate` runs again. Do not delete this file by hand.\n",
             )
+        except OSError as e:
+            raise CannotWrite(
+                f"cannot write the local hold's marker {marker}: {e.strerror or e}. `migrate --to-local` needs "
+                "to write one file at the top of every media root; run it as the service user (the units' "
+                "ReadWritePaths= / the role's delete.conf give it that right) or fix the root's permissions"
+            ) from None
     if state.get_meta(HOLD_KEY) != since:
         state.set_meta(HOLD_KEY, since, durable=True)
 
 
-def release_hold(state: StateStore, config: Config | None = None) -> bool:
+def release_hold(state: StateStore, config: Config) -> bool:
     was = held(state, config) is not None
     if state.get_meta(HOLD_KEY) is not None:
         state.delete_meta(HOLD_KEY)
-    if config is not None:
-        for marker in hold_markers(config):
-            try:
-                marker.unlink()
-            except FileNotFoundError:
-                continue
-            _fsync_dir(marker.parent)
+    for marker in hold_markers(config):
+        try:
+            marker.unlink()
+        except FileNotFoundError:
+            continue
+        _fsync_dir(marker.parent)
     return was
 
 
@@ -201,7 +209,7 @@ class Eviction:
 
 def evict(w: Witnesses, rec: FileRecord) -> Eviction:
     """Delete the local copy of `rec` if, and only if, every witness agrees the blob holds it."""
-    if held(w.state) is not None:
+    if held(w.state, w.config) is not None:
         return Eviction(False, "`migrate --to-local` set a hold on eviction (run `gighive-media migrate` to lift it)")
     mf = media_file_for_blob(w.config, rec.blob_name)
     if mf is None:
@@ -318,7 +326,7 @@ def recover(w: Witnesses) -> int:
             reason = w.all_agree(rec) if aside_st.st_ino == inode else "the file set aside is not the verified one"
         except OutageDuringCheck as e:
             reason = f"cannot ask every witness: {e}"
-        if reason is None and held(w.state) is None and path_st is None:
+        if reason is None and held(w.state, w.config) is None and path_st is None:
             os.unlink(aside)
             _fsync_dir(os.path.dirname(path))
             w.state.finish_eviction(name, _pointer_after(w))
@@ -355,16 +363,7 @@ def settle_vanished(w: Witnesses, rec: FileRecord) -> str:
     if info is None or not info.sha256 or (expected is not None and info.sha256 != expected):
         w.state.forget(rec.blob_name)
         return "forgotten"
-    w.state.adopt_blob(
-        rec.blob_name,
-        rec.root,
-        rec.path,
-        size=info.size,
-        sha256=info.sha256,
-        md5=info.content_md5.hex() if info.content_md5 else None,
-        etag=info.etag,
-        pointer=_pointer_after(w),
-    )
+    w.state.adopt_listed(rec.blob_name, rec.root, rec.path, info, _pointer_after(w))
     log.warning(
         "%s vanished from disk but its blob is there: recorded as evicted (a crash or power cut had lost that record)",
         rec.blob_name,
@@ -381,6 +380,9 @@ class AssetsWitness:
     keys: set[tuple[str, str]] | None  # None: it cannot be trusted to say what is wanted
     problem: str | None
     rows: int
+    # Each key's asset_id and the table's next AUTO_INCREMENT: whether it was rebuilt (agent.deletes).
+    ids: dict[tuple[str, str], int] = field(default_factory=dict)
+    next_id: int | None = None
 
 
 def assets_seen(state: StateStore | None) -> int:
@@ -393,9 +395,11 @@ def assets_witness(db: PointerDB | None, seen: int, accept_shrink: bool = False)
     wanted, so nothing it leaves out is deleted or left behind. Raises PointerUnavailable."""
     if db is None:
         return AssetsWitness(None, "no DB is configured, so GigHive's assets table cannot be read", 0)
-    keys = db.asset_keys()
-    if keys is None:
+    found = db.asset_rows()
+    if found is None:
         return AssetsWitness(None, "GigHive's assets table does not exist", 0)
+    ids, next_id = found
+    keys = set(ids)
     if not keys:
         return AssetsWitness(
             None,
@@ -411,7 +415,7 @@ def assets_witness(db: PointerDB | None, seen: int, accept_shrink: bool = False)
             "purpose, confirm with --accept-assets-shrink",
             len(keys),
         )
-    return AssetsWitness(keys, None, len(keys))
+    return AssetsWitness(keys, None, len(keys), ids, next_id)
 
 
 def remember_assets(state: StateStore, witness: AssetsWitness) -> None:

@@ -24,7 +24,7 @@ from .errors import StateError
 STATES = ("pending", "uploading", "uploaded", "failed", "dead", "quarantined", "evicted")
 POINTER_NONE, POINTER_PENDING, POINTER_DONE = "none", "pending", "done"
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     blob_name       TEXT PRIMARY KEY,
@@ -62,6 +62,16 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS assets_seen (
     file_type   TEXT NOT NULL,
     checksum    TEXT NOT NULL,
+    asset_id    INTEGER,
+    PRIMARY KEY (file_type, checksum)
+);
+-- Assets whose rows vanished in a mass disappearance (a TRUNCATE, "clear media", a restore):
+-- never taken for GigHive's deletes until they come back or the operator confirms (agent.deletes).
+CREATE TABLE IF NOT EXISTS assets_lost (
+    file_type   TEXT NOT NULL,
+    checksum    TEXT NOT NULL,
+    lost_at     REAL NOT NULL,
+    why         TEXT NOT NULL,
     PRIMARY KEY (file_type, checksum)
 );
 -- Blobs of deleted assets, soft-deleted: purged after the grace period unless restored.
@@ -158,6 +168,9 @@ class StateStore:
                 self._db.execute("ALTER TABLE files ADD COLUMN outage_waits INTEGER NOT NULL DEFAULT 0")
             if "keep_local_until" not in columns:
                 self._db.execute("ALTER TABLE files ADD COLUMN keep_local_until REAL")
+            # Schema 2 remembered `assets` rows without their ids.
+            if "asset_id" not in {r[1] for r in self._db.execute("PRAGMA table_info(assets_seen)")}:
+                self._db.execute("ALTER TABLE assets_seen ADD COLUMN asset_id INTEGER")
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(_SCHEMA_VERSION),))
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
@@ -515,6 +528,23 @@ class StateStore:
     def intents(self) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM intents ORDER BY created_at")
 
+    def adopt_listed(
+        self, blob_name: str, root: str, path: str, blob, pointer: str, local: os.stat_result | None = None
+    ) -> None:
+        """adopt_blob() from what the container says of the blob: a listing entry or its properties
+        (agent.storage's Listed and BlobInfo both carry size, etag, content_md5 and sha256)."""
+        self.adopt_blob(
+            blob_name,
+            root,
+            path,
+            size=blob.size,
+            sha256=blob.sha256,
+            md5=blob.content_md5.hex() if blob.content_md5 else None,
+            etag=blob.etag,
+            pointer=pointer,
+            local=local,
+        )
+
     def adopt_blob(
         self,
         blob_name: str,
@@ -572,13 +602,41 @@ class StateStore:
 
     # ---- GigHive's deletes (agent.deletes is the only caller) --------------------------------
 
-    def assets_seen(self) -> set[tuple[str, str]]:
-        return {(r[0], r[1]) for r in self._query("SELECT file_type, checksum FROM assets_seen")}
+    def assets_seen(self) -> dict[tuple[str, str], int | None]:
+        """`assets` as last seen whole: each key with its asset_id (None: remembered before ids were)."""
+        # A read-only look at a schema-2 database (no run has upgraded it yet) has no ids.
+        has_ids = any(r[1] == "asset_id" for r in self._query("PRAGMA table_info(assets_seen)"))
+        column = "asset_id" if has_ids else "NULL"
+        return {(r[0], r[1]): r[2] for r in self._query(f"SELECT file_type, checksum, {column} FROM assets_seen")}
 
-    def replace_assets_seen(self, keys: set[tuple[str, str]]) -> None:
+    def update_assets_seen(self, ids: dict[tuple[str, str], int]) -> None:
+        """Remember a whole look at `assets`, writing only what changed since the last one."""
+        old = self.assets_seen()
+        gone = [k for k in old if k not in ids]
+        changed = [(k[0], k[1], i) for k, i in ids.items() if k not in old or old[k] != i]
+        if not gone and not changed:
+            return
         with self._tx() as db:
-            db.execute("DELETE FROM assets_seen")
-            db.executemany("INSERT INTO assets_seen (file_type, checksum) VALUES (?, ?)", sorted(keys))
+            db.executemany("DELETE FROM assets_seen WHERE file_type = ? AND checksum = ?", gone)
+            db.executemany(
+                "INSERT OR REPLACE INTO assets_seen (file_type, checksum, asset_id) VALUES (?, ?, ?)", changed
+            )
+
+    def assets_lost(self) -> dict[tuple[str, str], str]:
+        if not self._query("SELECT 1 FROM sqlite_master WHERE name = 'assets_lost'"):
+            return {}  # a read-only look at a schema-2 database
+        return {(r[0], r[1]): r[2] for r in self._query("SELECT file_type, checksum, why FROM assets_lost")}
+
+    def set_assets_lost(self, add: dict[tuple[str, str], str], drop: Collection[tuple[str, str]]) -> None:
+        if not add and not drop:
+            return
+        now = time.time()
+        with self._tx() as db:
+            db.executemany("DELETE FROM assets_lost WHERE file_type = ? AND checksum = ?", list(drop))
+            db.executemany(
+                "INSERT OR IGNORE INTO assets_lost (file_type, checksum, lost_at, why) VALUES (?, ?, ?, ?)",
+                [(k[0], k[1], now, why) for k, why in add.items()],
+            )
 
     def deletions(self) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM deletions ORDER BY purge_after, blob_name")

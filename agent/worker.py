@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import interrupts, safety
+from . import deletes, interrupts, safety
 from .arrival import Arrivals
 from .config import Config
 from .errors import ContentMismatch, FileRejected, Interrupted, StateError, VerificationFailed
@@ -568,6 +568,11 @@ class Worker:
             self.state.set_pointer(name, POINTER_PENDING, "the DB row was lost (table truncated or restored)")
         if lost:
             log.warning("%d DB pointer row(s) were missing or stale; writing them again", len(lost))
+            # What took them (clear media, a restore) took GigHive's own rows too: what vanished
+            # from `assets` since the last look is lost, not deleted (agent.deletes).
+            deletes.disturbed(
+                self.state, f"{len(lost)} of the agent's pointer rows were gone from the database (cleared or restored)"
+            )
         return len(lost)
 
 

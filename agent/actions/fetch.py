@@ -77,15 +77,12 @@ def run(config: Config, items: list[str], keep_days: float) -> tuple[dict[str, o
                 except StoreUnavailable as e:
                     return _result(fetched, already, failures, f"Azure Blob: {e}"), EXIT_UNAVAILABLE
                 if rec is None:
-                    state.adopt_blob(
+                    state.adopt_listed(
                         mf.blob_name,
                         mf.root.name,
                         str(mf.path),
-                        size=info.size,
-                        sha256=info.sha256,
-                        md5=info.content_md5.hex() if info.content_md5 else None,
-                        etag=info.etag,
-                        pointer=POINTER_PENDING if worker.pointer_db is not None else POINTER_NONE,
+                        info,
+                        POINTER_PENDING if worker.pointer_db is not None else POINTER_NONE,
                         local=os.stat(mf.path),
                     )
                 _keep(worker, mf, keep_until)

@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .. import safety
+from .. import deletes, safety
 from ..config import Config, MediaRoot
 from ..context import queue_worker
 from ..errors import EXIT_CANTCREAT, EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AgentError
@@ -99,15 +99,13 @@ def survey(
     if state is not None:
         records = {r.blob_name: r for r in state.records() if r.root in names}
     pointers: dict[str, Location] | None = db.locations() if db is not None else None
-    assets = safety.assets_witness(db, safety.assets_seen(state))
+    # The timer's runs notice deletes the same way (agent.deletes), but the units are stopped now,
+    # and the hold keeps the pointer audit from seeing a cleared or restored database: so look here.
+    found = deletes.look(state, db, rebuilt_hint=_pointers_gone(state, pointers))
+    assets = found.witness
     out = Survey(assets_problem=assets.problem)
     # Soft-deleted blobs of assets GigHive deleted (agent.deletes) do not come back.
     deleted = {r["blob_name"] for r in state.deletions()} if state is not None else set()
-    # Deletes the agent can vouch for (agent.deletes' own inference, made read-only here): rows
-    # it saw in `assets` before, gone now from a table it trusts.
-    gone: set = set()
-    if assets.keys is not None and state is not None:
-        gone = state.assets_seen() - assets.keys
 
     candidates: set[str] = set(listing)
     candidates.update(n for n, r in records.items() if r.state in ("uploaded", "evicted"))
@@ -121,7 +119,7 @@ def survey(
         loc = pointers.get(name) if pointers is not None else None
         if loc is not None and loc.provider == "azure_blob":
             out.pointers_to_blob.append(name)
-        why = _claimed_by(rec, loc, assets, mf)
+        why = _claimed_by(rec, loc, found, mf)
         try:
             st = os.stat(mf.path, follow_symlinks=False)
         except FileNotFoundError:
@@ -134,7 +132,7 @@ def survey(
             out.left_in_blob.append(name)
             continue
         if why is None:
-            if asset_key(mf) in gone:
+            if asset_key(mf) in found.deleted:
                 out.left_in_blob.append(name)
                 continue
             if not include_unlisted:
@@ -149,14 +147,25 @@ def survey(
     return out
 
 
-def _claimed_by(rec: FileRecord | None, loc: Location | None, assets: safety.AssetsWitness, mf) -> str | None:
-    """Which witness wants this file back on disk, or None when GigHive deleted its asset.
+def _pointers_gone(state: StateStore | None, pointers: dict[str, Location] | None) -> str | None:
+    """Rows the agent wrote that are gone from the database: it was cleared or restored since."""
+    if state is None or pointers is None:
+        return None
+    gone = sum(1 for name in state.pointer_done_names() if name not in pointers)
+    return f"{gone} of the agent's pointer rows are gone from the database (cleared or restored)" if gone else None
+
+
+def _claimed_by(rec: FileRecord | None, loc: Location | None, found: deletes.AssetsLook, mf) -> str | None:
+    """Which witness wants this file back on disk, or None when GigHive's table leaves it out.
 
     A whole `assets` table without the asset's row, with its local file gone, is GigHive's delete
-    (agent.deletes): the file stays in Blob only, whatever older records say. A table that cannot
-    be trusted says nothing, and then every other witness counts."""
+    only when agent.deletes says so; a row lost when the table was rebuilt still claims its file.
+    A table that cannot be trusted says nothing, and then every other witness counts."""
 
+    assets = found.witness
     key = asset_key(mf)
+    if key is not None and key in found.lost:
+        return f"GigHive's assets table before it was rebuilt ({found.lost[key]})"
     if assets.keys is not None and key is not None:
         return "GigHive's assets table" if key in assets.keys else None
     if rec is not None and rec.state in ("uploaded", "evicted"):

@@ -21,6 +21,7 @@ command reads all three (plus the agent's own state and GigHive's `assets`) and:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -71,7 +72,11 @@ def run(
             return {"error": "unavailable", "message": str(e)}, EXIT_UNAVAILABLE
         try:
             pointers = db.locations() if db is not None else None
-            assets = safety.assets_witness(db, safety.assets_seen(state), accept_shrink=accept_assets_shrink)
+            found = deletes.look(state, db, accept_shrink=accept_assets_shrink)
+            assets = found.witness
+            if assets.keys is not None and found.lost:
+                # A row lost when GigHive rebuilt the table still claims its blobs (agent.deletes).
+                assets = dataclasses.replace(assets, keys=assets.keys | set(found.lost))
         except PointerUnavailable as e:
             return {"error": "unavailable", "message": f"DB: {e}"}, EXIT_UNAVAILABLE
         # Judged before the rebuild below adds rows: a state that recorded no upload while the
@@ -313,16 +318,7 @@ def _rebuild(config, state, listing, records, local, pointers, assets, dry_run) 
             continue
         rebuilt.append(name)
         if not dry_run:
-            state.adopt_blob(
-                name,
-                mf.root.name,
-                str(mf.path),
-                size=blob.size,
-                sha256=blob.sha256,
-                md5=blob.content_md5.hex() if blob.content_md5 else None,
-                etag=blob.etag,
-                pointer=pointer_state,
-            )
+            state.adopt_listed(name, mf.root.name, str(mf.path), blob, pointer_state)
     if rebuilt:
         log.warning(
             "%d blob(s) had no record in the agent's state (lost state or a lost commit): %s from the "

@@ -47,6 +47,9 @@ def run(config: Config, limit: int = 50) -> dict[str, object]:
         ]
         result["soft_deleted_count"] = len(deletions)
         result["assets_problem"] = state.get_meta("assets_problem")
+        lost = state.assets_lost()
+        result["assets_lost_count"] = len(lost)
+        result["assets_lost_why"] = sorted(set(lost.values()))[:5]
     finally:
         state.close()
     result["queue_lock_holder"] = _lock_holder(config)
@@ -140,6 +143,12 @@ def render(result: dict[str, object]) -> str:
         )
     if result.get("assets_problem"):
         lines.append(f"GigHive's assets table is not trusted now, so no delete is inferred: {result['assets_problem']}")
+    if result.get("assets_lost_count"):
+        lines.append(
+            f"{result['assets_lost_count']} asset(s) vanished from GigHive's assets table when it was rebuilt "
+            f"({'; '.join(result['assets_lost_why'])}): not taken for deletes, their blobs are kept and the way "
+            "back restores them; `gighive-media reconcile --accept-assets-shrink` confirms them as deleted"  # type: ignore[arg-type]
+        )
     if result.get("soft_deleted_count"):
         first = result["soft_deleted"][0]  # type: ignore[index]
         lines.append(

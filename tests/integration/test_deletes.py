@@ -6,6 +6,9 @@ runs it. A delete is GigHive's admin delete: the asset row dropped and the local
 
 from __future__ import annotations
 
+import pytest
+
+from agent.pointer import TABLE
 from agent.state import StateStore
 from tests.integration.agent_harness import Harness
 from tests.integration.test_migrate import blob_snapshot, build_library, db_harness, local_path
@@ -141,3 +144,114 @@ def test_the_way_back_does_not_bring_back_soft_deleted_assets(db_harness: Harnes
     for name, data in files.items():
         if sha_of(victim) not in name:
             assert local_path(media_roots, name).read_bytes() == data
+
+
+# ---- a table GigHive rebuilt is not a list of deletes (the seed-9000 class) ---------------------------
+
+
+def refill(media_db, files, leave_out: list[str]) -> None:
+    """An import: TRUNCATE `assets`, then insert the rows again from what it finds, all but these."""
+    db_exec(media_db, "SET FOREIGN_KEY_CHECKS=0")
+    db_exec(media_db, "TRUNCATE TABLE assets")
+    add_assets(media_db, [n for n in files if n not in leave_out])
+
+
+def restore_without(media_db, sha: str) -> None:
+    """A restore of a dump older than one asset: both tables replaced by rows that keep their ids
+    (DELETE and INSERT, as a dump does, so AUTO_INCREMENT stays where it was)."""
+    conn = media_db.connect()
+    try:
+        with conn.cursor() as cur:
+            for table in ("assets", TABLE):
+                cur.execute(f"SELECT * FROM {table}")
+                rows = [r for r in cur.fetchall() if not any(isinstance(v, str) and sha in v for v in r)]
+                cur.execute(f"DELETE FROM {table}")
+                if rows:
+                    cur.executemany(f"INSERT INTO {table} VALUES ({','.join(['%s'] * len(rows[0]))})", rows)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def lost_then_restored(h: Harness, media_roots, files, victim: str) -> None:
+    """Nothing soft-deleted, the asset listed as lost, and the way back brings it home."""
+    r = h.cli_json("retry")
+    assert r["soft_deleted"] == [], r
+    status = h.cli_json("status")
+    assert status["assets_lost_count"] == 1 and status["assets_lost_why"], status
+    assert "not taken for deletes" in h.cli("status").stdout
+    back = h.cli_json("migrate", "--to-local", "--no-progress")
+    assert back["complete"] is True and victim not in back["left_in_blob"], back
+    assert local_path(media_roots, victim).read_bytes() == files[victim]
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_refill_that_misses_one_evicted_file_is_not_a_delete(
+    db_harness: Harness, media_roots, media_db, where
+) -> None:
+    """TRUNCATE and refill between two looks of the agent, one evicted file's row left out (within the
+    shrink tolerance): renumbered rows, or the counter that went back, show the rebuild."""
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=8, large=0)
+    h.cli("retry", check=True)  # the agent remembers the whole table, with its ids
+    media = [n for n in files if n in evicted_media(files, media_roots)]  # in `assets` insertion order
+    victim = {"first": media[0], "middle": media[len(media) // 2], "last": media[-1]}[where]
+    refill(media_db, files, [victim])
+    lost_then_restored(h, media_roots, files, victim)
+
+
+def test_rows_lost_while_the_table_was_empty_stay_lost_until_the_operator_confirms(
+    db_harness: Harness, media_roots, media_db
+) -> None:
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=8, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[1]
+    db_exec(media_db, "TRUNCATE TABLE assets")
+    assert "empty" in h.cli_json("retry")["assets_problem"]  # seen in the act
+    add_assets(media_db, [n for n in files if n != victim])
+    for _ in range(2):  # however many runs later
+        r = h.cli_json("retry")
+        assert r["soft_deleted"] == [] and r["assets_problem"] is None, r
+    assert h.cli_json("status")["assets_lost_count"] == 1
+    # A real delete after the rebuild is still GigHive's delete.
+    other = next(n for n in evicted_media(files, media_roots) if n != victim)
+    gighive_delete(media_db, media_roots, other)
+    assert h.cli_json("retry")["soft_deleted"] == [other]
+    # The operator's word makes the lost row a delete too.
+    h.cli("reconcile", "--accept-assets-shrink", check=False)
+    soft = {row["blob_name"] for row in h.cli_json("status")["soft_deleted"]}
+    assert {victim, other} <= soft and h.cli_json("status")["assets_lost_count"] == 0
+
+
+def test_a_lost_row_that_comes_back_is_wanted_again(db_harness: Harness, media_roots, media_db) -> None:
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=6, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[0]
+    refill(media_db, files, [victim])
+    h.cli("retry", check=True)
+    assert h.cli_json("status")["assets_lost_count"] == 1
+    add_assets(media_db, [victim])
+    assert h.cli_json("retry")["soft_deleted"] == []
+    assert h.cli_json("status")["assets_lost_count"] == 0
+
+
+@pytest.mark.parametrize("first", ["retry", "to-local"])
+def test_a_restored_older_dump_is_seen_by_the_pointer_rows_it_took(
+    db_harness: Harness, media_roots, media_db, first
+) -> None:
+    """A dump restored as dumps are (ids kept, the counter untouched) misses the newest asset. Only the
+    agent's own pointer rows, gone from the same database, tell it from a delete: the timer's run
+    (pointer audit) and the way back (which runs with the units stopped and the audit on hold)."""
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=8, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[-1]
+    restore_without(media_db, sha_of(victim))
+    if first == "retry":
+        lost_then_restored(h, media_roots, files, victim)
+        return
+    back = h.cli_json("migrate", "--to-local", "--no-progress")
+    assert back["complete"] is True and victim not in back["left_in_blob"], back
+    assert local_path(media_roots, victim).read_bytes() == files[victim]

@@ -276,6 +276,21 @@ def test_the_hold_survives_a_lost_state_directory(db_harness: Harness, media_roo
     assert evicted_names(files, media_roots)
 
 
+def test_a_hold_marker_that_cannot_be_written_stops_the_way_back_before_it_changes_anything(
+    db_harness: Harness, media_roots, media_db
+) -> None:
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=4, large=0)
+    gone = evicted_names(files, media_roots)
+    pointers = pointer_rows(media_db)
+    # Something in the way of the marker's temporary file (root itself ignores permissions).
+    (media_roots["audio"] / ".gighive-media-agent-local-hold.tmp").mkdir()
+    p = h.cli("migrate", "--to-local", "--no-progress")
+    assert p.returncode == 73, (p.returncode, p.stdout, p.stderr)
+    assert "cannot write the local hold's marker" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert evicted_names(files, media_roots) == gone and pointer_rows(media_db) == pointers
+
+
 # ---- eviction itself ----------------------------------------------------------------------------------
 
 
