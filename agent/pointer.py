@@ -250,17 +250,21 @@ class PointerDB:
     def delete_location(self, media_path: str) -> None:
         self._execute(f"DELETE FROM `{TABLE}` WHERE media_path = %s", (media_path,))
 
+    def _has_assets_table(self) -> bool:
+        return bool(
+            self._execute(
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = 'assets'",
+                (self.cfg.database,),
+            )[0][0]
+        )
+
     def asset_keys(self) -> set[tuple[str, str]] | None:
         """(file_type, checksum_sha256) of every row in GigHive's `assets`, or None without that table.
 
         A blob belongs to an asset when its name carries the asset's type and hash: the media
         file itself (`video/<sha>.mp4`) and its thumbnail (`video/thumbnails/<sha>.png`).
         """
-        exists = self._execute(
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = 'assets'",
-            (self.cfg.database,),
-        )[0][0]
-        if not exists:
+        if not self._has_assets_table():
             return None
         return {(str(r[0]), str(r[1]).lower()) for r in self._execute("SELECT file_type, checksum_sha256 FROM assets")}
 
@@ -272,11 +276,7 @@ class PointerDB:
         rebuilt: GigHive's admin delete removes rows and leaves every other row's id and the
         counter alone, while a TRUNCATE and refill, or a DROP and a restore, renumber rows or move
         the counter back (agent.deletes)."""
-        exists = self._execute(
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = 'assets'",
-            (self.cfg.database,),
-        )[0][0]
-        if not exists:
+        if not self._has_assets_table():
             return None
         ids: dict[tuple[str, str], int] = {}
         for file_type, checksum, asset_id in self._execute("SELECT file_type, checksum_sha256, asset_id FROM assets"):
