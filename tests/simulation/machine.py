@@ -134,6 +134,7 @@ class Simulation(RuleBasedStateMachine):
         self.local_before: set[str] = set()
         self.assets_exact_before = True
         self.assets_trusted_before = False
+        self.assets_lost_before: set[tuple[str, str]] = set()
         self.has_check = self.w.agent_has_option("migrate", "--check")
         self.log: list[str] = []
 
@@ -179,12 +180,15 @@ class Simulation(RuleBasedStateMachine):
         self.assets.add((item.root, item.sha))
 
     def _agent_could_trust_assets(self) -> bool:
-        """The agent's own rule (agent.safety.assets_witness), from the rows and what its state
-        remembers of the table's size."""
+        """The agent's own rule (agent.safety.assets_witness, agent.deletes.look), from the rows and
+        what its state remembers: the table's size, and whether it saw the table rebuilt since
+        its last whole look (then every row that vanished is lost, not deleted, and restoring it
+        is right: a delete between a rebuild and the agent's next look cannot be told from a row
+        the refill left out)."""
         rows = len(self.assets)
         if rows == 0:
             return False
-        seen = 0
+        seen, disturbed = 0, False
         path = self.w.state_dir / "state.sqlite3"
         if path.exists():
             import sqlite3
@@ -193,11 +197,33 @@ class Simulation(RuleBasedStateMachine):
             try:
                 row = conn.execute("SELECT value FROM meta WHERE key = 'assets_seen'").fetchone()
                 seen = int(row[0]) if row else 0
+                disturbed = conn.execute("SELECT 1 FROM meta WHERE key = 'assets_disturbed'").fetchone() is not None
             except sqlite3.Error:
                 seen = 0
             finally:
                 conn.close()
-        return not (seen - rows > max(1, seen * 0.05))
+        return not disturbed and not (seen - rows > max(1, seen * 0.05))
+
+    @staticmethod
+    def _key(name: str) -> tuple[str, str]:
+        """The `assets` key of a media file or its thumbnail (video/thumbnails/<sha>.png)."""
+        root, rest = name.split("/", 1)
+        return root, rest.rsplit("/", 1)[-1].split(".")[0]
+
+    def _agent_lost_assets(self) -> set[tuple[str, str]]:
+        """Rows the agent saw vanish in a rebuild of `assets` (agent.deletes): kept as wanted."""
+        path = self.w.state_dir / "state.sqlite3"
+        if not path.exists():
+            return set()
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return {(r[0], r[1]) for r in conn.execute("SELECT file_type, checksum FROM assets_lost")}
+        except sqlite3.Error:
+            return set()
+        finally:
+            conn.close()
 
     def _assets_exact(self) -> bool:
         want = {(i.root, i.sha) for i in self.items.values() if i.name in self.wanted}
@@ -547,8 +573,11 @@ class Simulation(RuleBasedStateMachine):
         # whole, cannot tell a delete from a TRUNCATE, and then restoring everything is right.
         if exact and self.assets_exact_before and self.assets_trusted_before:
             for name in sorted(self.deleted):
+                if self._key(name) in self.assets_lost_before:
+                    continue  # the agent saw its row vanish in a rebuild: restoring it is its rule
                 if name not in self.local_before and self.w.local_path(name).exists():
                     raise Violation("deleted_came_back", f"{name} was deleted by the operator and is back on disk")
         self.local_before = local_now | {n for n in self.deleted if self.w.local_path(n).exists()}
         self.assets_exact_before = exact
         self.assets_trusted_before = self._agent_could_trust_assets()
+        self.assets_lost_before = self._agent_lost_assets()
