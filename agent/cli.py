@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--accept-assets-shrink",
         action="store_true",
-        help="GigHive's assets table lost many rows since the agent last read it, on purpose: trust it anyway",
+        help="the rows GigHive's assets table lost (many at once, or in a rebuild the agent saw) were deleted "
+        "on purpose: trust it, and soft-delete their blobs",
     )
     p = sub.add_parser("undelete", help=COMMANDS["undelete"], description=COMMANDS["undelete"], parents=[common])
     p.add_argument("items", nargs="+", metavar="BLOB_NAME", help="blob name, e.g. video/<sha256>.mp4")
