@@ -52,6 +52,12 @@ def assert_every_file_readable(h: Harness, files: dict[str, bytes], media_roots)
         assert hashlib.sha256(have).digest() == hashlib.sha256(data).digest(), name
 
 
+def assert_every_file_local(files: dict[str, bytes], media_roots) -> None:
+    """The way back's promise: every file's exact bytes on local disk."""
+    for name, data in files.items():
+        assert local_path(media_roots, name).read_bytes() == data, name
+
+
 def records(h: Harness) -> dict[str, object]:
     s = StateStore.open(h.state_dir)
     try:
@@ -136,8 +142,7 @@ def test_the_way_back_with_the_state_lost_restores_every_file_from_the_container
     assert verdict["safe"] is False and verdict["only_in_blob"] == len(gone), verdict
     r = h.cli_json("migrate", "--to-local", "--no-progress")
     assert r["complete"] is True and r["restored"] == len(gone), r
-    for name, data in files.items():
-        assert local_path(media_roots, name).read_bytes() == data, name
+    assert_every_file_local(files, media_roots)
     assert h.cli("migrate", "--to-local", "--check").returncode == 0
     assert {row[0] for row in pointer_rows(media_db).values()} == {"local"}
 
@@ -152,8 +157,7 @@ def test_the_way_back_with_the_state_lost_and_assets_emptied_still_restores_ever
     db_exec(media_db, f"TRUNCATE TABLE {TABLE}")  # "clear media" empties the agent's table too
     r = h.cli_json("migrate", "--to-local", "--no-progress")
     assert r["complete"] is True, r
-    for name, data in files.items():
-        assert local_path(media_roots, name).read_bytes() == data, name
+    assert_every_file_local(files, media_roots)
 
 
 def test_the_way_back_never_calls_a_partly_refilled_assets_table_complete(
@@ -178,8 +182,7 @@ def test_the_way_back_never_calls_a_partly_refilled_assets_table_complete(
     assert p.returncode == 1 and json.loads(p.stdout)["unlisted"] >= len(gone) - 1, p.stdout
     r = h.cli_json("migrate", "--to-local", "--include-unlisted", "--no-progress")
     assert r["complete"] is True, r
-    for name, data in files.items():
-        assert local_path(media_roots, name).read_bytes() == data, name
+    assert_every_file_local(files, media_roots)
 
 
 def test_the_way_back_leaves_a_delete_it_saw_in_blob_and_still_calls_local_safe(
