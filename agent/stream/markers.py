@@ -131,12 +131,16 @@ class VerifiedMarkers:
                         continue
                     gate, identity = d / valid[0], d / valid[1]
                     try:
-                        keep.append((gate.stat().st_mtime_ns, gate, identity))
+                        gate_mtime = gate.stat().st_mtime_ns
                     except FileNotFoundError:
-                        # An identity without a gate does nothing; drop it to keep the count honest.
-                        if identity.exists():
-                            self._unlink(identity)
-                            left -= 1
+                        continue  # an identity alone sends nothing to disk (and may be a vouch under way)
+                    if not identity.exists():
+                        # The file was rewritten at the same size: without its gate the server answers
+                        # the next request, and leaves new markers once the agent has verified it.
+                        self._unlink(gate)
+                        left -= 1
+                        continue
+                    keep.append((gate_mtime, gate, identity))
             if trim and left >= self.limit:
                 keep.sort()
                 for _mtime, gate, identity in keep[: len(keep) // 2 + 1]:
