@@ -181,6 +181,23 @@ def test_the_stream_server_is_private_by_default(host, azure_vars):
     assert "STREAM_ALLOWED_PEERS=localhost\n" in env and "172.16" not in env, env
 
 
+def test_the_stream_server_keeps_its_markers_where_apache_can_read_them(host, azure_vars):
+    """The first connection starts the server; its unit makes /run/gighive-media-agent/verified
+    (the front-first markers, agent/stream/markers.py): the service user's, readable but not
+    writable by www-data (Apache in its container, through the bind mount of the parent)."""
+    ask = (
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/gighive-media-agent/stream.sock'); "
+        "s.sendall(b'GET /video/' + b'0' * 64 + b'.mp4 HTTP/1.0\\r\\n\\r\\n'); print(s.recv(64).decode())"
+    )
+    answer = host.run(["runuser", "-u", "www-data", "--", "python3", "-c", ask]).stdout
+    assert answer.startswith("HTTP/1.1 404"), answer
+    d = "/run/gighive-media-agent/verified"
+    assert host.run(["stat", "-c", "%a %U", d]).stdout.split() == ["755", "gighive-media"]
+    assert host.run(["runuser", "-u", "www-data", "--", "test", "-r", d]).returncode == 0
+    touch = host.run(["runuser", "-u", "www-data", "--", "touch", f"{d}/x"], check=False)
+    assert touch.returncode != 0
+
+
 def test_the_compose_override_mounts_the_socket_into_apache(host, azure_vars):
     """The rendered override gives GigHive's Apache container the socket directory and the snippet,
     and needs no host.docker.internal (so it fits inventories with or without the telemetry proxy);
