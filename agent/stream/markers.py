@@ -19,8 +19,9 @@ unlink, so a reader never sees a gate without its identity from this writer. A s
 harmless: an identity names one exact inode, size and mtime; a gate only sends the request to
 disk, where the identity decides. The server removes a name's gate when the file does not verify
 or is gone (it then answers from Blob), and `sweep()` removes markers whose file changed or went,
-at start and whenever the count reaches STREAM_VERIFIED_MARKERS_MAX (then, if still needed, the
-oldest half). The server is the only writer; nothing else needs to remove them.
+at start, every STREAM_VERIFIED_SWEEP_SECONDS while the server runs, and whenever the count
+reaches STREAM_VERIFIED_MARKERS_MAX (then, if still needed, the oldest half). The server is the
+only writer; nothing else needs to remove them.
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ class VerifiedMarkers:
             self._unlink(d / f"{media.relpath.name}.{size}")
 
     # ---- bounds and stale markers ------------------------------------------------------------
+    def keep_sweeping(self, interval: float, stop: threading.Event | None = None) -> threading.Thread:
+        """Sweep now and then every `interval` seconds, in a daemon thread, for as long as the
+        server runs: a file rewritten in place at the same size loses its gate within one
+        interval, so the server answers it again (and vouches again once the agent has hashed it)."""
+
+        stopped = stop or threading.Event()
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.sweep()
+                except Exception:  # noqa: BLE001 - a failed sweep must not end the server
+                    log.exception("sweeping the verified-file markers failed")
+                if stopped.wait(interval):
+                    return
+
+        t = threading.Thread(target=loop, name="marker-sweep", daemon=True)
+        t.start()
+        return t
+
     def sweep(self, trim: bool = False) -> int:
         """Remove every marker whose file is gone or changed; with `trim`, and still at the limit,
         also the oldest half. Returns the number of markers left. One sweep at a time."""

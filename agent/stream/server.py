@@ -211,8 +211,8 @@ class StreamServer:
                 roots = {r.name: r.path for r in config.roots if r.content_addressed}
                 markers = VerifiedMarkers(settings.verified_dir, settings.verified_markers_max, roots)
                 # Markers left by an earlier run for files that changed since go first (and the
-                # count starts true); in the background, so the first request is not kept waiting.
-                threading.Thread(target=markers.sweep, name="marker-sweep", daemon=True).start()
+                # count starts true), then every interval; in the background, so no request waits.
+                markers.keep_sweeping(settings.verified_sweep_seconds)
             sources = Sources(local=LocalSource(config), blob=blob, markers=markers)
         self.sources = sources
         self.handler = Handler(config, settings, sources, self.stats)

@@ -91,6 +91,8 @@ class StreamSettings:
     # At most this many markers (two per file): then stale ones, and if needed the oldest half,
     # go. Each is an empty file on tmpfs, an inode of about 1 KiB, no data page.
     verified_markers_max: int = 20000
+    # How often the running server removes markers of files that changed or went (markers.py).
+    verified_sweep_seconds: float = 60.0
     # Bytes read from Blob per step, and the smaller first step that gets a seek going.
     chunk_size: int = 64 * 1024
     first_chunk_size: int = 16 * 1024
@@ -160,6 +162,7 @@ def load_settings(config: Config) -> StreamSettings:
         x_accel_prefix=prefix,
         verified_dir=verified_dir,
         verified_markers_max=int(num("STREAM_VERIFIED_MARKERS_MAX", 20000, 16, 10_000_000, integer=True)),
+        verified_sweep_seconds=float(num("STREAM_VERIFIED_SWEEP_SECONDS", 60.0, 1.0, 86400.0)),
         chunk_size=r.size("STREAM_CHUNK_SIZE", 64 * 1024, 4 * 1024, 16 * 1024 * 1024),
         first_chunk_size=r.size("STREAM_FIRST_CHUNK_SIZE", 16 * 1024, 1024, 16 * 1024 * 1024),
         upstream_timeout=float(num("STREAM_UPSTREAM_TIMEOUT_SECONDS", 10.0, 0.1, 600.0)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 from agent.config import MediaRoot
 from agent.media import MediaFile
 from agent.stream.markers import VerifiedMarkers, apache_etag
+
+from .support import wait_for
 
 OLD = 1_600_000_000
 
@@ -101,3 +104,23 @@ def test_an_unwritable_directory_is_reported_once_and_costs_nothing(tmp_path: Pa
         mf, path = media_file(media, 200 + n)
         markers.vouch(mf, path.stat())
     assert caplog.text.count("cannot write verified-file markers") == 1
+
+
+def test_the_running_server_drops_the_gate_of_a_file_rewritten_at_the_same_size(setup) -> None:
+    """Without a request reaching the server: the periodic sweep does it (the next request then
+    goes to the server, which vouches again once the agent has hashed the new file)."""
+    markers, media, verified = setup
+    mf, path = media_file(media, 7)
+    markers.vouch(mf, path.stat())
+    gate = verified / "video" / f"{path.name}.{path.stat().st_size}"
+    assert gate.exists()
+    stop = threading.Event()
+    sweeper = markers.keep_sweeping(0.05, stop)
+    try:
+        path.write_bytes(b"y" * 10)  # same size, in place
+        os.utime(path, (OLD, OLD))
+        wait_for(lambda: not gate.exists(), what="the sweep to drop the gate")
+        assert names(verified) == set()
+    finally:
+        stop.set()
+        sweeper.join()
