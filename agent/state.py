@@ -191,6 +191,31 @@ class StateStore:
         return cls(path) if path.exists() else None
 
     @classmethod
+    def open_for_lookups(cls, state_dir: Path) -> StateStore | None:
+        """Read-only for a long-running reader that must see every new commit (the stream
+        server, which runs as the agent's user): unlike open_readonly() it never falls back to an
+        immutable snapshot. None until a run has created the database."""
+        path = state_dir / "state.sqlite3"
+        if not path.exists():
+            return None
+        from urllib.parse import quote
+
+        store = cls.__new__(cls)
+        store.path, store._lock = path, threading.RLock()
+        try:
+            # mode=rw never creates the file; query_only refuses every write on this connection.
+            db = sqlite3.connect(
+                f"file:{quote(str(path))}?mode=rw", uri=True, timeout=30, check_same_thread=False, isolation_level=None
+            )
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA query_only=ON")
+            db.execute("SELECT 1 FROM files LIMIT 1").fetchall()
+        except sqlite3.Error as e:
+            raise StateError(f"cannot read state database {path}: {e}") from e
+        store._db = db
+        return store
+
+    @classmethod
     def open_readonly(cls, state_dir: Path) -> StateStore | None:
         """For commands that only look (`status`, dry runs): None when no run has created it yet."""
         path = state_dir / "state.sqlite3"

@@ -121,6 +121,23 @@ def start_server(work: Path, name: str, azurite: Azurite, container: str, roots:
     return proc, sock, tcp_port
 
 
+def vouch(state_dir: Path, root: str, path: Path, sha: str) -> None:
+    """What the agent records once its upload has hashed a file. Without it the stream server sends
+    the file as unverified (no sha256 ETag, no X-Accel handover; docs/streaming.md)."""
+    from agent.state import StateStore
+
+    name, st = f"{root}/{path.name}", path.stat()
+    store = StateStore.open(state_dir)
+    try:
+        store.observe(name, root, str(path), st, 0)
+        store.mark_uploaded(
+            name, size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino, sha256=sha, md5="", etag='"bench"',
+            verified_at=time.time(), pointer="none", blocks_reused=0,
+        )  # fmt: skip
+    finally:
+        store.close()
+
+
 def start_nginx(work: Path, name: str, server_block: str, http_extra: str = "") -> tuple[subprocess.Popen, int]:
     d = work / name
     (d / "logs").mkdir(parents=True, exist_ok=True)
@@ -451,10 +468,10 @@ def markdown(results: dict) -> str:
 LOCAL_FIRST_SETUPS = (
     # (name, front, agent snippet included?, media visible to the front?)
     ("apache alone", "apache", False, True),
-    ("apache+agent local-first", "apache", True, True),
+    ("apache+agent front-first", "apache", True, True),
     ("apache+agent proxied", "apache", True, False),
     ("nginx alone", "nginx", False, True),
-    ("nginx+agent local-first", "nginx", True, True),
+    ("nginx+agent x-accel", "nginx", True, True),
     ("nginx+agent proxied", "nginx", True, False),
 )
 
@@ -482,30 +499,39 @@ def local_first(args: argparse.Namespace) -> int:
         for d in ("audio", "video"):
             (hidden / d).mkdir(parents=True)
         grant_read(roots, hidden)
-        env_file = work / "agent.env"
-        env_file.write_text(
-            f"MEDIA_STORAGE_BACKEND=local\nMEDIA_ROOTS=audio={roots / 'audio'},video={roots / 'video'}\n"
-            f"STATE_DIRECTORY={work / 'state'}\nLOG_LEVEL=info\n"
-        )
-        sock = work / "stream.sock"
-        procs.append(
-            _proc.spawn(
-                [sys.executable, "-m", "agent.stream", "--config", str(env_file), "--listen", f"unix:{sock}"],
-                work / "server.log",
+        # Settled (the server leaves no markers for a file changed in the last seconds), then
+        # verified: what the agent's upload records once it has hashed the file.
+        os.utime(expected, (time.time() - 3600, time.time() - 3600))
+        vouch(work / "state", "video", expected, sha)
+        verified = work / "verified"  # the service's RuntimeDirectory /run/gighive-media-agent/verified
+        verified.mkdir(mode=0o755)
+        # Two servers: one sends local files itself (Apache, nginx "proxied"), one hands verified
+        # files over to nginx (X-Accel-Redirect, nginx-internal.conf), as the front docs say.
+        socks = {}
+        for label, extra_env in (("plain", ""), ("x-accel", "STREAM_X_ACCEL_PREFIX=/_gighive_media_internal\n")):
+            env_file = work / f"agent-{label}.env"
+            env_file.write_text(
+                f"MEDIA_STORAGE_BACKEND=local\nMEDIA_ROOTS=audio={roots / 'audio'},video={roots / 'video'}\n"
+                f"STATE_DIRECTORY={work / 'state'}\nSTREAM_VERIFIED_DIR={verified}\nLOG_LEVEL=info\n{extra_env}"
             )
-        )
-        wait_path(sock)
-        if os.geteuid() == 0:  # what the socket unit does: root:www-data 0660
-            import grp
+            socks[label] = work / f"stream-{label}.sock"
+            argv = [sys.executable, "-m", "agent.stream", "--config", str(env_file), "--listen", f"unix:{socks[label]}"]
+            procs.append(_proc.spawn(argv, work / f"server-{label}.log"))
+            wait_path(socks[label])
+            if os.geteuid() == 0:  # what the socket unit does: root:www-data 0660
+                import grp
 
-            os.chown(sock, 0, grp.getgrnam("www-data").gr_gid)
-            sock.chmod(0o660)
+                os.chown(socks[label], 0, grp.getgrnam("www-data").gr_gid)
+                socks[label].chmod(0o660)
+        if os.geteuid() == 0:
             grant_read(work)
+        sock = socks["plain"]
         targets: list[Target] = []
         for name, front, agent, visible in LOCAL_FIRST_SETUPS:
             media = roots if visible else hidden
             if front == "apache":
                 extra = snippet("apache-proxy.conf", sock) if agent else ""
+                extra = extra.replace("/run/gighive-media-agent/verified", str(verified))
                 ap_front = ApacheFront(
                     work / name.replace(" ", "-").replace("+", "-"),
                     {"audio": media / "audio", "video": media / "video"},
@@ -522,14 +548,22 @@ def local_first(args: argparse.Namespace) -> int:
                     )
                 )
             else:
-                if agent:
-                    block = snippet("nginx-locations.conf", roots=media)
-                    http_extra = snippet("nginx-upstream.conf", sock)
+                if agent and visible:
+                    block = snippet("nginx-locations.conf") + snippet("nginx-internal.conf", roots=media)
+                    http_extra = snippet("nginx-upstream.conf", socks["x-accel"])
+                elif agent:
+                    block, http_extra = snippet("nginx-locations.conf"), snippet("nginx-upstream.conf", sock)
                 else:
                     block, http_extra = f"location /video/ {{ root {media}; }}", ""
                 p, port = start_nginx(work, name.replace(" ", "-").replace("+", "-"), block, http_extra)
                 procs.append(p)
                 targets.append(Target(name, f"http://127.0.0.1:{port}", f"/video/{sha}.mp4"))
+        # One request each first: through Apache front-first it is the server's, which verifies the
+        # file and leaves the markers; every measured request after it is Apache's own, from disk.
+        for t in targets:
+            sequential(t, args.size)
+        ap_fronts = dict(zip([n for n, f, _a, _v in LOCAL_FIRST_SETUPS if f == "apache"], fronts, strict=True))
+        proxied_before = {n: f.access_log().count("handler=proxy-server") for n, f in ap_fronts.items()}
         rng = random.Random(7)
         seq: dict[str, list[float | None]] = {t.name: [] for t in targets}
         range_runs: dict[str, list[dict]] = {t.name: [] for t in targets}
@@ -546,6 +580,12 @@ def local_first(args: argparse.Namespace) -> int:
                     print(f"  sequential failed: {e}", flush=True)
                     seq[t.name].append(None)
                 range_runs[t.name].append(ranges(t, offsets, expected))
+        # Who answered the measured requests (Apache's access log, handler=%R): the proof that
+        # front-first means Apache from disk, not a fast proxy.
+        answered_by_server = {
+            n: f.access_log().count("handler=proxy-server") - proxied_before[n] for n, f in ap_fronts.items()
+        }
+        measured = {n: f.access_log().count("GET ") - 1 for n, f in ap_fronts.items()}
         setups: dict[str, dict] = {}
         for name, front, _agent, _visible in LOCAL_FIRST_SETUPS:
             base = f"{front} alone"
@@ -554,6 +594,9 @@ def local_first(args: argparse.Namespace) -> int:
                 "sequential_mb_per_s": statistics.median(vals) if vals else 0.0,
                 "sequential_rounds": seq[name],
                 "ranges": pooled_ranges(range_runs[name]),
+                "apache_requests_proxied_to_the_server": (
+                    f"{answered_by_server[name]} of {measured[name]}" if name in ap_fronts else None
+                ),
                 "paired_vs_alone": {
                     "sequential": paired(seq[name], seq[base]),
                     "range_p50": paired(
@@ -588,24 +631,27 @@ def local_first(args: argparse.Namespace) -> int:
 
 def local_first_markdown(results: dict) -> str:
     lines = [
-        "# Local-first serving: the front sends files on disk itself",
+        "# Front-first serving: the front sends verified files on disk itself",
         "",
         f"{results['date']}, {results['machine']}. One {results['size_mib']:.0f} MiB file on local disk; "
         f"{results['rounds']} interleaved rounds; per round the best of two sequential GETs and "
         f"{results['range_requests']} "
         f"random {RANGE_SIZE // 1024} KiB ranges on one keep-alive connection. Apache: HTTPS with Basic Auth, "
         "as GigHive runs it; nginx: plain HTTP. Ratios are paired per round against the same front serving "
-        "the file alone (median, min-max).",
+        "the file alone (median, min-max). The file is verified in the agent's state; one unmeasured request "
+        "per setup first (through Apache front-first it is the server's, which leaves the markers). "
+        '"proxied": Apache\'s access log (handler=%R) counts the measured requests it sent to the server.',
         "",
-        "| setup | sequential MB/s | x alone (seq.) | range p50 ms | range p99 ms | x alone (range p50) | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| setup | sequential MB/s | x alone (seq.) | range p50 ms | range p99 ms | x alone (range p50) | errors "
+        "| proxied |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["setups"].items():
         pv = row["paired_vs_alone"]
         lines.append(
             f"| {name} | {row['sequential_mb_per_s']:.0f} | {_ratio(pv['sequential'])} | "
             f"{row['ranges']['ttfb_p50_ms']:.2f} | {row['ranges']['ttfb_p99_ms']:.2f} | {_ratio(pv['range_p50'])} | "
-            f"{row['ranges']['errors']} |"
+            f"{row['ranges']['errors']} | {row.get('apache_requests_proxied_to_the_server') or '-'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -658,6 +704,7 @@ def main() -> int:
             (r / "audio").mkdir(parents=True)
             (r / "video").mkdir(parents=True)
         os.link(raw, local_roots / f"{name}")
+        vouch(work / "state", "video", local_roots / name, sha)
 
         p, blob_sock, blob_tcp = start_server(work, "server-blob", azurite, "media", empty_roots, {})
         procs.append(p)

@@ -34,20 +34,27 @@ from .http import (
     parse_range,
     utc_timestamp,
 )
+from .markers import apache_etag
 from .settings import StreamSettings
-from .sources import OpenObject, RangeReader, Sources, UpstreamError
+from .sources import Opened, OpenObject, RangeReader, Sources, UpstreamError
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str]]
 
-# Last-Modified of every content-addressed file, whichever side sends it (this server from disk
-# or Blob, Apache or nginx from disk): the name is the sha256 of the bytes, so what a URL names
+# Last-Modified of every verified content-addressed file, whichever side sends it (this server
+# from disk or Blob, nginx from disk after a handover): the name is the sha256 of the bytes, so what a URL names
 # never changes, and a fixed date is true for all of them. A file's own mtime (or a blob's
 # upload time) would change when the file moves from disk to Blob or is imported again, and
 # every If-Range carrying the old date would then get a 200 instead of a 206, which iOS players
-# treat as fatal. The front configs send the same date (front/*.conf); keep them in step.
+# treat as fatal. nginx's internal locations (front/nginx-internal.conf) send the same date for
+# the verified files handed to them; keep them in step. Only verified bytes get it (sources.py).
 CONTENT_ADDRESSED_LAST_MODIFIED = 946684800  # Sat, 01 Jan 2000 00:00:00 GMT
+
+# A content-addressed name whose bytes are not verified (sources.py: being written in place, cut,
+# corrupt, or not yet hashed by the agent) is sent as what it is: revalidated on every use, under
+# a validator of this very file that any write changes, never the name's sha256 or the fixed date.
+UNVERIFIED_CACHE_CONTROL = "no-cache"
 
 
 class ClientGone(Exception):
@@ -233,19 +240,20 @@ class Handler:
         log.debug("%s %r -> %d", req.method, req.target[:200], status)
 
     # ---- choosing the bytes ------------------------------------------------------------------
-    def _open(self, media: MediaFile) -> OpenObject | None:
+    def _open(self, media: MediaFile) -> Opened | None:
         return self.sources.open(media)
 
     def _serve(self, req: Request, out: Output, media: MediaFile, keep_alive: bool) -> bool:
         # A blob that changes between its properties and its read is read again, once; If-Match
         # on every read makes sure the response never mixes the two versions.
         for _attempt in range(2):
-            obj = self._open(media)
-            if obj is None:
+            opened = self._open(media)
+            if opened is None:
                 error_response(out, 404, head_only=req.method == "HEAD", extra=self._conn(req, keep_alive))
                 return keep_alive
+            obj = opened.obj
             try:
-                return self._respond(req, out, media, obj, keep_alive)
+                return self._respond(req, out, media, opened, keep_alive)
             except ObjectChanged:
                 fields = {"fields": {"blob_name": media.blob_name}}
                 if out.head_sent:
@@ -261,27 +269,61 @@ class Handler:
                 obj.close()
         raise UpstreamError(f"{media.blob_name} changed on every read")
 
-    def representation_etag(self, media: MediaFile, obj: OpenObject) -> str:
-        # The sha256 in a content-addressed name identifies the bytes wherever they are stored,
-        # so a client's cached copy stays valid when the file moves from disk to Blob.
-        sha = media.expected_sha256
-        return f'"{sha}"' if sha else obj.info.etag
+    @staticmethod
+    def promised(media: MediaFile, opened: Opened) -> bool:
+        """Whether this answer carries the name's promise: the sha256 ETag, the fixed date, immutable."""
+        return media.expected_sha256 is not None and opened.verified
+
+    def representation_etag(self, media: MediaFile, opened: Opened) -> str:
+        if self.promised(media, opened):
+            # The sha256 in a content-addressed name identifies the bytes wherever they are
+            # stored, so a client's cached copy stays valid when the file moves from disk to Blob.
+            return f'"{media.expected_sha256}"'
+        st = opened.st
+        if media.expected_sha256 is not None and st is not None:
+            # Unverified local file: strong, but only for this inode at this size and mtime, so a
+            # write in place (or a new file under the name) changes it and If-Range then gets
+            # the whole current file instead of a splice. It can never equal the sha256 ETag, and
+            # it is the ETag Apache computes for the same file when it sends it from disk
+            # (markers.py), so both sides agree.
+            return apache_etag(st)
+        return opened.obj.info.etag
+
+    def _hand_over(self, req: Request, obj: OpenObject, may: bool) -> bool:
+        """Whether nginx sends this local file (X-Accel-Redirect) instead of this server."""
+        return bool(
+            self.settings.x_accel_prefix
+            and obj.local_path
+            and req.method != "HEAD"
+            # nginx's content-addressed internal locations put the name's promise (sha256 ETag,
+            # fixed date) on what they send: only a verified file may be handed over.
+            and may
+            # nginx judges If-Match and If-Unmodified-Since again after the handover, by its own
+            # (absent) ETag and the file's mtime, and would answer 412 where this server did not.
+            and req.header("if-match") is None
+            and req.header("if-unmodified-since") is None
+        )
 
     # ---- the response ------------------------------------------------------------------------
-    def _respond(self, req: Request, out: Output, media: MediaFile, obj: OpenObject, keep_alive: bool) -> bool:
+    def _respond(self, req: Request, out: Output, media: MediaFile, opened: Opened, keep_alive: bool) -> bool:
+        obj = opened.obj
         info = obj.info
         head_only = req.method == "HEAD"
         expected = media.expected_sha256
         if expected and info.sha256 and info.sha256.lower() != expected:
             # The uploader records the sha256 it verified; bytes under another hash are not this name.
             raise UpstreamError(f"stored object's sha256 {info.sha256} does not match its name")
-        etag = self.representation_etag(media, obj)
-        last_modified = CONTENT_ADDRESSED_LAST_MODIFIED if expected else utc_timestamp(info.last_modified)
+        promised = self.promised(media, opened)
+        etag = self.representation_etag(media, opened)
+        last_modified = CONTENT_ADDRESSED_LAST_MODIFIED if promised else utc_timestamp(info.last_modified)
         size = info.size
         validators: Headers = [("ETag", etag)]
         if last_modified is not None:
             validators.append(("Last-Modified", http_date(last_modified)))
-        cache = self.settings.immutable_cache_control if expected else self.settings.mutable_cache_control
+        if promised:
+            cache = self.settings.immutable_cache_control
+        else:
+            cache = UNVERIFIED_CACHE_CONTROL if expected else self.settings.mutable_cache_control
         common: Headers = [*validators, ("Cache-Control", cache), *self._conn(req, keep_alive)]
 
         precondition = check_preconditions(req, etag, last_modified)
@@ -310,7 +352,7 @@ class Handler:
             ("X-Content-Type-Options", "nosniff"),
             *common,
         ]
-        if self.settings.x_accel_prefix and obj.local_path and not head_only:
+        if self._hand_over(req, obj, promised or not expected):
             # nginx sends the file (and applies the Range) from its internal location.
             target = f"{self.settings.x_accel_prefix}/{media.blob_name}"
             out.head(200, [("X-Accel-Redirect", target), ("Content-Length", "0"), *typed])

@@ -35,6 +35,7 @@ from ..errors import EXIT_CONFIG, EXIT_OK, AgentError, ConfigError, ConfigErrors
 from ..notify import Notifier
 from .handler import ClientGone, Handler, Output, Stats, reject
 from .http import HttpError, parse_head
+from .markers import VerifiedMarkers
 from .settings import StreamSettings, load_settings, peer_allowed
 from .sources import BlobSource, LocalSource, Sources
 
@@ -205,7 +206,14 @@ class StreamServer:
         self.stats = Stats()
         if sources is None:
             blob = BlobSource(config, settings) if config.is_azure else None
-            sources = Sources(local=LocalSource(config), blob=blob)
+            markers = None
+            if settings.verified_dir is not None:
+                roots = {r.name: r.path for r in config.roots if r.content_addressed}
+                markers = VerifiedMarkers(settings.verified_dir, settings.verified_markers_max, roots)
+                # Markers left by an earlier run for files that changed since go first (and the
+                # count starts true), then every interval; in the background, so no request waits.
+                markers.keep_sweeping(settings.verified_sweep_seconds)
+            sources = Sources(local=LocalSource(config), blob=blob, markers=markers)
         self.sources = sources
         self.handler = Handler(config, settings, sources, self.stats)
         self.notifier = notifier or Notifier()

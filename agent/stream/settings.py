@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import Config, Reader
 from ..errors import ConfigErrors
@@ -83,6 +84,15 @@ class StreamSettings:
     # When set, local files are answered with X-Accel-Redirect: <prefix>/<root>/<name> and
     # nginx sends the bytes (see front/nginx-internal.conf).
     x_accel_prefix: str | None = None
+    # Where the server leaves a marker for each verified local file, so that Apache sends it
+    # itself (markers.py, front/apache-proxy.conf); None (STREAM_VERIFIED_DIR=) = no markers, and
+    # Apache sends every request to the server. The unit's RuntimeDirectory= creates the default.
+    verified_dir: Path | None = Path("/run/gighive-media-agent/verified")
+    # At most this many markers (two per file): then stale ones, and if needed the oldest half,
+    # go. Each is an empty file on tmpfs, an inode of about 1 KiB, no data page.
+    verified_markers_max: int = 20000
+    # How often the running server removes markers of files that changed or went (markers.py).
+    verified_sweep_seconds: float = 60.0
     # Bytes read from Blob per step, and the smaller first step that gets a seek going.
     chunk_size: int = 64 * 1024
     first_chunk_size: int = 16 * 1024
@@ -126,6 +136,13 @@ def load_settings(config: Config) -> StreamSettings:
     if prefix is not None and not _X_ACCEL_RE.match(prefix):
         r.fail("STREAM_X_ACCEL_PREFIX", f"{prefix!r} is not a location path like /_gighive_media_internal")
         prefix = None
+    verified_text = r.raw("STREAM_VERIFIED_DIR")
+    verified_dir: Path | None = StreamSettings.verified_dir
+    if "STREAM_VERIFIED_DIR" in config.values:  # set but empty: no markers
+        verified_dir = Path(verified_text) if verified_text else None
+        if verified_dir is not None and not verified_dir.is_absolute():
+            r.fail("STREAM_VERIFIED_DIR", f"{verified_text!r} is not an absolute path (or empty for none)")
+            verified_dir = None
     peers_text = r.raw("STREAM_ALLOWED_PEERS") or DEFAULT_ALLOWED_PEERS
     try:
         allowed_peers = parse_peers(peers_text)
@@ -143,6 +160,9 @@ def load_settings(config: Config) -> StreamSettings:
         cache_public=r.boolean("STREAM_CACHE_PUBLIC", False),
         mutable_max_age=int(num("STREAM_MUTABLE_MAX_AGE", 300, 0, 31536000, integer=True)),
         x_accel_prefix=prefix,
+        verified_dir=verified_dir,
+        verified_markers_max=int(num("STREAM_VERIFIED_MARKERS_MAX", 20000, 16, 10_000_000, integer=True)),
+        verified_sweep_seconds=float(num("STREAM_VERIFIED_SWEEP_SECONDS", 60.0, 1.0, 86400.0)),
         chunk_size=r.size("STREAM_CHUNK_SIZE", 64 * 1024, 4 * 1024, 16 * 1024 * 1024),
         first_chunk_size=r.size("STREAM_FIRST_CHUNK_SIZE", 16 * 1024, 1024, 16 * 1024 * 1024),
         upstream_timeout=float(num("STREAM_UPSTREAM_TIMEOUT_SECONDS", 10.0, 0.1, 600.0)),

@@ -181,6 +181,23 @@ def test_the_stream_server_is_private_by_default(host, azure_vars):
     assert "STREAM_ALLOWED_PEERS=localhost\n" in env and "172.16" not in env, env
 
 
+def test_the_stream_server_keeps_its_markers_where_apache_can_read_them(host, azure_vars):
+    """The first connection starts the server; its unit makes /run/gighive-media-agent/verified
+    (the front-first markers, agent/stream/markers.py): the service user's, readable but not
+    writable by www-data (Apache in its container, through the bind mount of the parent)."""
+    ask = (
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/gighive-media-agent/stream.sock'); "
+        "s.sendall(b'GET /video/' + b'0' * 64 + b'.mp4 HTTP/1.0\\r\\n\\r\\n'); print(s.recv(64).decode())"
+    )
+    answer = host.run(["runuser", "-u", "www-data", "--", "python3", "-c", ask]).stdout
+    assert answer.startswith("HTTP/1.1 404"), answer
+    d = "/run/gighive-media-agent/verified"
+    assert host.run(["stat", "-c", "%a %U", d]).stdout.split() == ["755", "gighive-media"]
+    assert host.run(["runuser", "-u", "www-data", "--", "test", "-r", d]).returncode == 0
+    touch = host.run(["runuser", "-u", "www-data", "--", "touch", f"{d}/x"], check=False)
+    assert touch.returncode != 0
+
+
 def test_the_compose_override_mounts_the_socket_into_apache(host, azure_vars):
     """The rendered override gives GigHive's Apache container the socket directory and the snippet,
     and needs no host.docker.internal (so it fits inventories with or without the telemetry proxy);
@@ -196,31 +213,22 @@ def test_the_compose_override_mounts_the_socket_into_apache(host, azure_vars):
 
 
 def test_the_rendered_nginx_snippets_are_the_shipped_ones(host, azure_vars):
-    """What the role installs for nginx is the tested snippet, with this host's media roots as the aliases."""
+    """What the role installs for nginx is the tested snippet (it sends every media request to the
+    server, so it has no per-host paths)."""
     front = "/etc/gighive-media-agent/front"
     upstream = host.run(["cat", f"{front}/nginx-media-upstream.conf"]).stdout.partition("\n")[2]
     assert upstream == (FRONT / "nginx-upstream.conf").read_text()
     locations = host.run(["cat", f"{front}/nginx-media-locations.conf"]).stdout.partition("\n")[2]
-    shipped = (FRONT / "nginx-locations.conf").read_text()
-    expected = shipped.replace("alias /home/ubuntu/audio/", "alias /srv/gighive/audio/").replace(
-        "alias /home/ubuntu/video/", f"alias {VOLUME_DATA}/"
-    )
-    assert expected != shipped and locations == expected
+    assert locations == (FRONT / "nginx-locations.conf").read_text()
 
 
 def test_the_nginx_templates_do_not_drift_from_the_shipped_snippets():
-    """The templates are the shipped files plus the managed header (and, for the locations, the
-    root paths in the two aliases, falling back to the shipped paths); no other template logic."""
+    """The templates are the shipped files plus the managed header; no other template logic."""
     upstream = (TEMPLATES / "nginx-media-upstream.conf.j2").read_text()
     header, _, body = upstream.partition("\n")
     assert header == "# {{ ansible_managed }}" and body == (FRONT / "nginx-upstream.conf").read_text()
     header, _, body = (TEMPLATES / "nginx-media-locations.conf.j2").read_text().partition("\n")
     assert header == "# {{ ansible_managed }}"
-    for name in ("audio", "video"):
-        body = body.replace(
-            f"{{{{ media_storage_azure_blob_root_paths.get('{name}', '/home/ubuntu/{name}') }}}}",
-            f"/home/ubuntu/{name}",
-        )
     assert "{{" not in body and "{%" not in body
     assert body == (FRONT / "nginx-locations.conf").read_text()
 

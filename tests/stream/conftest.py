@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient, ContentSettings
 
+from agent.state import StateStore
 from tests.support.apache import ApacheFront, basic_auth, grant_read
 from tests.support.azurite import Azurite
 from tests.support.media import make_media_roots, make_thumbnail, pseudo_random_bytes
@@ -47,7 +49,15 @@ class MediaLibrary:
     items: dict[str, MediaItem] = field(default_factory=dict)
 
     def add(
-        self, key: str, data: bytes, *, local: bool, blob: bool, root: str = "video", ext: str = "mp4"
+        self,
+        key: str,
+        data: bytes,
+        *,
+        local: bool,
+        blob: bool,
+        root: str = "video",
+        ext: str = "mp4",
+        verified: bool = True,
     ) -> MediaItem:
         sha = hashlib.sha256(data).hexdigest()
         rel = f"{sha}.{ext}"
@@ -62,7 +72,53 @@ class MediaLibrary:
             self.upload(name, data, sha)
         item = MediaItem(url=f"/{name}", data=data, sha256=sha, local=path, blob=name if blob else None)
         self.items[key] = item
+        if verified and (local or blob):
+            self.vouch(item)
         return item
+
+    @property
+    def state_dir(self) -> Path:
+        return self.roots["root"] / "state"
+
+    @property
+    def verified_dir(self) -> Path:
+        return verified_dir(self.roots)
+
+    def vouch(self, item: MediaItem) -> None:
+        """What the agent's upload records once it has hashed the file (and, for a blob, checked
+        the commit): only then may the name's promise (sha256 ETag, immutable) be sent for it."""
+        assert item.sha256 is not None
+        name = item.url.lstrip("/")
+        store = StateStore.open(self.state_dir)
+        try:
+            if item.local is not None:
+                st = item.local.stat()
+                store.observe(name, name.split("/")[0], str(item.local), st, 0)
+                identity = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+            else:
+                store.adopt_blob(
+                    name,
+                    name.split("/")[0],
+                    name,
+                    size=item.size,
+                    sha256=item.sha256,
+                    md5=None,
+                    etag='"0x1"',
+                    pointer="none",
+                )
+                return
+            store.mark_uploaded(
+                name,
+                **identity,
+                sha256=item.sha256,
+                md5=hashlib.md5(item.data).hexdigest(),  # noqa: S324 - what the upload records
+                etag='"0x1"',
+                verified_at=time.time(),
+                pointer="none",
+                blocks_reused=0,
+            )
+        finally:
+            store.close()
 
     def upload(self, name: str, data: bytes, sha: str | None = None, content_type: str = "video/mp4") -> None:
         self.container.upload_blob(
@@ -81,9 +137,20 @@ class MediaLibrary:
             "AZURE_STORAGE_CONTAINER_NAME": self.container.container_name,
             "MEDIA_ROOTS": f"audio={self.roots['audio']},video={self.roots['video']}",
             "STATE_DIRECTORY": str(self.roots["root"] / "state"),
+            "STREAM_VERIFIED_DIR": str(self.verified_dir),
         }
         values.update(extra)
         return values
+
+
+def verified_dir(roots: dict[str, Path]) -> Path:
+    """The servers' marker directory for a library (/run/gighive-media-agent/verified on a host):
+    what the service's RuntimeDirectory= makes, written by the server, readable by Apache."""
+    d = roots["root"] / "verified"
+    if not d.is_dir():
+        d.mkdir(mode=0o755)
+        grant_read(d)
+    return d
 
 
 def _library(root: Path, azurite: Azurite) -> MediaLibrary:
@@ -155,13 +222,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, library: MediaLibrary) -> I
     s.stop()
 
 
-def nginx_in_front(
-    workdir: Path, socket_path: str, roots: dict[str, Path] | None = None, local_first: dict[str, Path] | None = None
-) -> Nginx:
+X_ACCEL_PREFIX = "/_gighive_media_internal"
+
+
+def nginx_in_front(workdir: Path, socket_path: str, roots: dict[str, Path] | None = None) -> Nginx:
     """nginx with the shipped upstream and locations snippets, and (optionally) the X-Accel internal
-    locations for `roots`. With `local_first` the locations' aliases point at those media roots,
-    so nginx sends files on disk itself; without, they point nowhere and the server answers all."""
-    server_block = front_snippet("nginx-locations.conf", roots=local_first)
+    locations for `roots`: with them, and a server started with STREAM_X_ACCEL_PREFIX, nginx sends
+    the verified files on disk itself when the server hands them over."""
+    server_block = front_snippet("nginx-locations.conf")
     if roots is not None:
         server_block += front_snippet("nginx-internal.conf", roots=roots)
     # A site-wide regex location like GigHive's would have must not capture media URLs.
@@ -170,10 +238,16 @@ def nginx_in_front(
 
 
 @pytest.fixture(scope="module")
-def nginx(tmp_path_factory: pytest.TempPathFactory, server: ServerProcess, library: MediaLibrary) -> Iterator[Nginx]:
-    n = nginx_in_front(tmp_path_factory.mktemp("nginx"), server.unix.path, local_first=library.roots)
+def nginx(tmp_path_factory: pytest.TempPathFactory, library: MediaLibrary) -> Iterator[Nginx]:
+    """nginx as the shipped snippets run it, with its own server handing verified files on disk
+    back to nginx (X-Accel-Redirect)."""
+    d = tmp_path_factory.mktemp("nginx-server")
+    config = write_config(d / "agent.env", library.config_values(STREAM_X_ACCEL_PREFIX=X_ACCEL_PREFIX))
+    srv = ServerProcess(config, d / "server.log", [f"unix:{d}/stream.sock"])
+    n = nginx_in_front(tmp_path_factory.mktemp("nginx"), srv.unix.path, roots=library.roots)
     yield n
     n.stop()
+    srv.stop()
 
 
 def apache_in_front(workdir: Path, upstream: Address, roots: dict[str, Path]) -> ApacheFront:
@@ -181,6 +255,7 @@ def apache_in_front(workdir: Path, upstream: Address, roots: dict[str, Path]) ->
     to `upstream` and serving local media itself. A unix socket gets what the socket unit gives
     it (root:www-data, 0660 when run as root); a TCP address replaces the socket in the snippet."""
     snippet = (FRONT / "apache-proxy.conf").read_text()
+    snippet = snippet.replace("/run/gighive-media-agent/verified", str(verified_dir(roots)))
     if upstream.kind == "unix":
         snippet = snippet.replace("/run/gighive-media-agent/stream.sock", upstream.path)
         socket_like_the_unit(Path(upstream.path))
@@ -208,6 +283,7 @@ def apache_address(front: ApacheFront, auth: bool = True) -> Address:
         ca=str(front.tls.ca),
         headers=(("Authorization", basic_auth()),) if auth else (),
         media_cache_control="public, max-age=604800, immutable",
+        # Apache sends a verified file on disk itself from the second request on (its own 416s).
         local_first="apache",
     )
 

@@ -2,7 +2,8 @@
 Basic Auth, the /video gallery nonce, `CacheEnable disk /`, forced media headers, CORS).
 
 The Range and conditional matrix also runs through this front (test_range_matrix.py, transport
-"apache"); this module covers what is particular to it: who may read, local-first serving,
+"apache"); this module covers what is particular to it: who may read, front-first serving of
+verified files,
 validators that survive an eviction, files over 4 GiB, clients that leave, errors, and that
 nothing media-related lands in Apache's disk cache."""
 
@@ -12,6 +13,7 @@ import contextlib
 import os
 import re
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,24 +98,95 @@ def test_the_gallery_nonce_plays_video_with_real_206s(front, fresh_library: Medi
 # ---- local first, and validators across the move to Blob ------------------------------------
 
 
-def test_a_file_on_disk_is_sent_by_apache_and_one_in_blob_by_the_server(front, fresh_library: MediaLibrary) -> None:
+def markers(lib: MediaLibrary, sha: str) -> list[str]:
+    """The server's markers for a video (agent/stream/markers.py): gate and identity names."""
+    return sorted(p.name.removeprefix(f"{sha}.mp4.") for p in (lib.verified_dir / "video").glob(f"{sha}.mp4.*"))
+
+
+def test_a_verified_file_on_disk_is_sent_by_apache_from_the_second_request(front, fresh_library: MediaLibrary) -> None:
+    """The first request for a verified local file goes to the server, which checks the agent's
+    state and leaves its markers; from then on Apache sends the file itself, with the same headers."""
     srv, apache = front
     local = fresh_library.add("local", pseudo_random_bytes(200_000, seed=5), local=True, blob=False)
     blob = fresh_library.add("blob", pseudo_random_bytes(200_000, seed=6), local=False, blob=True)
+    assert local.local is not None and local.sha256 is not None
     addr = apache_address(apache)
-    for item in (local, blob):
-        assert request(addr, item.url).body == item.data
-        assert request(addr, item.url, {"Range": "bytes=7-9"}).body == item.data[7:10]
+    assert markers(fresh_library, local.sha256) == []
+    first = request(addr, local.url)
+    assert first.status == 200 and first.body == local.data
+    st = local.local.stat()
+    identity = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns // 1000:x}"'
+    assert markers(fresh_library, local.sha256) == sorted([str(st.st_size), identity])
+    gate = fresh_library.verified_dir / "video" / f"{local.sha256}.mp4.{st.st_size}"
+    assert stat.S_IMODE(gate.stat().st_mode) == 0o644 and gate.stat().st_size == 0
+    assert stat.S_IMODE(gate.parent.stat().st_mode) == 0o755
+    second = request(addr, local.url)
+    assert second.status == 200 and second.body == local.data
+    for name in SAME_EVERYWHERE:
+        assert second.header(name) == first.header(name), name
+    assert second.header("etag") == f'"{local.sha256}"' and second.header("cache-control") == GIGHIVE_MEDIA_CACHE
+    ranged = request(addr, local.url, {"Range": "bytes=7-9", "If-Range": f'"{local.sha256}"'})
+    assert ranged.status == 206 and ranged.body == local.data[7:10]
+    assert ranged.header("etag") == first.header("etag")
+    wait_for(lambda: len(handlers(apache, local.url)) == 3, what="the access log")
+    assert handlers(apache, local.url)[0] == "proxy-server"
+    assert "proxy-server" not in handlers(apache, local.url)[1:]
+    # The server saw the first request only, not the two Apache answered from disk.
+    assert srv.log_text().count(f"video/{local.sha256}.mp4 ->") == 1
+    # Conditional requests go to the server even for a verified file on disk (it judges them).
+    assert request(addr, local.url, {"If-None-Match": f'"{local.sha256}"'}).status == 304
+    wait_for(lambda: len(handlers(apache, local.url)) == 4, what="the access log")
+    assert handlers(apache, local.url)[3] == "proxy-server"
+    # A file only in Blob is always the server's, and gets no markers.
+    for _ in range(2):
+        assert request(addr, blob.url).body == blob.data
     wait_for(lambda: len(handlers(apache, blob.url)) == 2, what="the access log")
     assert set(handlers(apache, blob.url)) == {"proxy-server"}
-    # Conditional requests go to the server even for a file on disk (it judges the validators).
-    assert request(addr, local.url, {"If-None-Match": f'"{local.sha256}"'}).status == 304
-    wait_for(lambda: len(handlers(apache, local.url)) == 3, what="the access log")
-    assert handlers(apache, local.url)[2] == "proxy-server"
-    assert "proxy-server" not in handlers(apache, local.url)[:2]
-    # The stream server saw that one request for the local file, not the two before it.
-    wait_for(lambda: f"{local.sha256}.mp4 -> 304" in srv.log_text(), what="the server's log")
-    assert srv.log_text().count(f"video/{local.sha256}.mp4 ->") == 1
+    assert blob.sha256 is not None and markers(fresh_library, blob.sha256) == []
+
+
+def test_a_same_size_write_in_place_is_sent_from_disk_without_the_promise(front, fresh_library: MediaLibrary) -> None:
+    """A writer that sets the final size first (preallocation, rsync --inplace) keeps the gate's
+    size: Apache then sends the file from disk, but its own ETag (inode, size, mtime) is not the
+    identity the server vouched for, so the answer never carries the name's promise."""
+    _srv, apache = front
+    item = fresh_library.add("v", pseudo_random_bytes(300_001, seed=8), local=True, blob=False)
+    assert item.local is not None and item.sha256 is not None
+    addr = apache_address(apache)
+    assert request(addr, item.url).header("etag") == f'"{item.sha256}"'  # the server; markers now
+    assert request(addr, item.url).header("etag") == f'"{item.sha256}"'  # Apache from disk
+    with open(item.local, "r+b") as f:
+        f.truncate(0)
+        f.truncate(item.size)  # preallocated: the final size, zeros
+        f.write(item.data[:100_000])
+        f.flush()
+        os.utime(item.local, (1_600_000_000, 1_600_000_000))  # settled in the past, another time
+        half = item.data[:100_000] + bytes(item.size - 100_000)
+        r = request(addr, item.url)
+        wait_for(lambda: len(handlers(apache, item.url)) == 3, what="the access log")
+        assert handlers(apache, item.url)[2] != "proxy-server"  # sent from disk ...
+        assert r.status == 200 and r.body == half
+        assert r.header("etag") != f'"{item.sha256}"'  # ... as what it is
+        assert r.header("last-modified") != "Sat, 01 Jan 2000 00:00:00 GMT"
+        assert r.header("cache-control") == "no-cache"
+        seek = request(addr, item.url, {"Range": "bytes=1-5", "If-Range": f'"{item.sha256}"'})
+        assert seek.status == 200 and seek.body == half
+        # A revalidation reaches the server, which withdraws the gate: the server answers now.
+        assert request(addr, item.url, {"If-None-Match": r.header("etag") or ""}).status == 304
+        assert str(item.size) not in markers(fresh_library, item.sha256)
+        again = request(addr, item.url)
+        assert again.header("etag") == r.header("etag") and again.header("cache-control") == "no-cache"
+        wait_for(lambda: len(handlers(apache, item.url)) == 6, what="the access log")
+        assert handlers(apache, item.url)[5] == "proxy-server"
+        f.seek(0)
+        f.write(item.data)
+    os.utime(item.local, (1_600_000_000, 1_600_000_000))
+    fresh_library.vouch(item)  # the agent hashed the finished file
+    assert request(addr, item.url).header("etag") == f'"{item.sha256}"'  # the server; new markers
+    from_disk = request(addr, item.url, {"Range": "bytes=1-5", "If-Range": f'"{item.sha256}"'})
+    assert from_disk.status == 206 and from_disk.body == item.data[1:6]
+    wait_for(lambda: len(handlers(apache, item.url)) == 8, what="the access log")
+    assert handlers(apache, item.url)[7] != "proxy-server"
 
 
 def test_validators_and_if_range_survive_an_eviction(front, fresh_library: MediaLibrary) -> None:
@@ -144,10 +217,22 @@ def test_validators_and_if_range_survive_an_eviction(front, fresh_library: Media
         return statuses
 
     assert set(seeks()) == {206}
+    # The first answer was the server's (it verified the file and left its markers); the seeks
+    # were Apache's own, from disk, with the same headers.
+    from_disk = request(addr, item.url)
+    assert handlers(apache, item.url)[0] == "proxy-server"
+    wait_for(lambda: len(handlers(apache, item.url)) == 8, what="the access log")
+    assert "proxy-server" not in handlers(apache, item.url)[1:]
+    for name in SAME_EVERYWHERE:
+        assert from_disk.header(name) == on_disk.header(name), name
     os.unlink(item.local)  # local eviction: now only Blob has it
+    assert item.sha256 is not None and str(item.size) in markers(fresh_library, item.sha256)
     from_blob = request(addr, item.url)
     assert from_blob.status == 200 and from_blob.body == item.data
     assert "proxy-server" in handlers(apache, item.url)
+    # Answering from Blob, the server withdrew the gate: a file that comes back at this size is
+    # the server's to judge first.
+    assert str(item.size) not in markers(fresh_library, item.sha256)
     for name in SAME_EVERYWHERE:
         assert from_blob.header(name) == on_disk.header(name), name
     # A ranged request with a matching validator never gets a 200.

@@ -16,7 +16,7 @@ import pytest
 from tests.support import _proc
 from tests.support.media import pseudo_random_bytes
 
-from .conftest import MediaLibrary, nginx_in_front
+from .conftest import X_ACCEL_PREFIX, MediaLibrary, nginx_in_front
 from .support import FRONT, SERVE_ARGV, Nginx, ServerProcess, parse_multipart, request, wait_for, write_config
 
 
@@ -65,7 +65,7 @@ def test_nginx_in_front_of_a_socket_activated_server(library: MediaLibrary, shor
 
 @pytest.fixture
 def x_accel(start_server, library: MediaLibrary, tmp_path: Path) -> Iterator[tuple[ServerProcess, Nginx]]:
-    srv = start_server(library, STREAM_X_ACCEL_PREFIX="/_gighive_media_internal")
+    srv = start_server(library, STREAM_X_ACCEL_PREFIX=X_ACCEL_PREFIX)
     front = nginx_in_front(tmp_path / "nginx", srv.unix.path, roots=library.roots)
     yield srv, front
     front.stop()
@@ -137,17 +137,18 @@ ErrorLog {tmp_path}/error.log
     assert r.returncode == 0, r.stderr
 
 
-def test_nginx_sends_files_on_disk_itself_with_the_same_validators_as_blob(
+def test_nginx_sends_verified_files_on_disk_itself_with_the_same_validators_as_blob(
     start_server, fresh_library: MediaLibrary, tmp_path: Path
 ) -> None:
-    srv = start_server(fresh_library)
-    front = nginx_in_front(tmp_path / "nginx", srv.unix.path, local_first=fresh_library.roots)
+    srv = start_server(fresh_library, STREAM_X_ACCEL_PREFIX=X_ACCEL_PREFIX)
+    front = nginx_in_front(tmp_path / "nginx", srv.unix.path, roots=fresh_library.roots)
     try:
         item = fresh_library.add("both", pseudo_random_bytes(400_003, seed=3), local=True, blob=True)
         assert item.local is not None
         on_disk = request(front.addr, item.url)
         assert on_disk.status == 200 and on_disk.body == item.data
-        assert item.sha256 not in srv.log_text()  # nginx sent it; the server never saw it
+        # The server decided (the agent verified this file) and nginx sent the bytes.
+        wait_for(lambda: f"{item.sha256}.mp4 -> 200 (local via x-accel" in srv.log_text(), what="the handover")
         etag, date = on_disk.header("etag"), on_disk.header("last-modified")
         assert etag == f'"{item.sha256}"'
 
@@ -160,9 +161,7 @@ def test_nginx_sends_files_on_disk_itself_with_the_same_validators_as_blob(
             return statuses
 
         assert seeks() == {206}
-        # A conditional request goes to the server, which judges the same validators.
         assert request(front.addr, item.url, {"If-None-Match": etag or ""}).status == 304
-        wait_for(lambda: item.sha256 in srv.log_text(), what="the server to answer the conditional request")
         item.local.unlink()  # evicted: now the server answers from Blob
         from_blob = request(front.addr, item.url)
         assert from_blob.body == item.data
@@ -182,9 +181,9 @@ def test_the_role_renders_the_same_apache_snippet() -> None:
     assert body == (FRONT / "apache-proxy.conf").read_text()
 
 
-def test_nginx_local_first_does_not_follow_a_symlink(start_server, fresh_library: MediaLibrary, tmp_path: Path) -> None:
-    srv = start_server(fresh_library)
-    front = nginx_in_front(tmp_path / "nginx", srv.unix.path, local_first=fresh_library.roots)
+def test_nginx_does_not_follow_a_symlink_on_disk(start_server, fresh_library: MediaLibrary, tmp_path: Path) -> None:
+    srv = start_server(fresh_library, STREAM_X_ACCEL_PREFIX=X_ACCEL_PREFIX)
+    front = nginx_in_front(tmp_path / "nginx", srv.unix.path, roots=fresh_library.roots)
     try:
         secret = tmp_path / "outside.mp4"
         secret.write_bytes(b"not media, outside the roots")

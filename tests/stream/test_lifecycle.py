@@ -171,13 +171,20 @@ def test_serve_without_sockets_or_listen_is_a_config_error(library: MediaLibrary
 def test_bad_stream_settings_name_the_variable_and_exit_78(library: MediaLibrary, tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "agent.env",
-        library.config_values(STREAM_CHUNK_SIZE="lots", STREAM_IDLE_EXIT_SECONDS="-1", STREAM_X_ACCEL_PREFIX="x"),
+        library.config_values(
+            STREAM_CHUNK_SIZE="lots",
+            STREAM_IDLE_EXIT_SECONDS="-1",
+            STREAM_X_ACCEL_PREFIX="x",
+            STREAM_VERIFIED_DIR="relative/verified",
+            STREAM_VERIFIED_MARKERS_MAX="many",
+        ),
     )
     r = subprocess.run(
         [*SERVE_ARGV, "--config", str(config), "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 78
-    for name in ("STREAM_CHUNK_SIZE", "STREAM_IDLE_EXIT_SECONDS", "STREAM_X_ACCEL_PREFIX"):
+    names = ("STREAM_CHUNK_SIZE", "STREAM_IDLE_EXIT_SECONDS", "STREAM_X_ACCEL_PREFIX", "STREAM_VERIFIED_DIR")
+    for name in (*names, "STREAM_VERIFIED_MARKERS_MAX"):
         assert name in r.stderr
 
 
