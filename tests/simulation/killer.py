@@ -11,19 +11,24 @@ as after kill -9. Only this wrapper changes; the agent's code runs as shipped.
 The same, as a fork server (world.Killer drives it): one process imports the agent and the Azure
 SDK once, then forks a fresh child for every killed run. Each child is a real process of its own
 that runs the agent's entry point from the same clean, just-imported state a new interpreter
-would have, and leaves through the interpreter's normal exit (or dies at the hook); only the
-interpreter's start and the imports, most of a killed run's time on a loaded machine, are shared.
+would have, and dies at the hook or leaves as the interpreter would (threads joined, atexit,
+garbage finalized, output flushed). A new interpreter's start and imports, and the teardown of
+every module at its exit, took most of a killed run's time; only those are gone.
 Protocol, one JSON line each way: {"spec", "argv", "env", "out", "err"} in; {"pid"} when the child
 runs, then {"code"} (its exit status; 137: killed) out.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import importlib
 import json
 import os
 import sys
+import threading
+import traceback
 
 # Imported once by the fork server, so no child pays for them. A module this build lacks is
 # imported (or not) by the child as usual.
@@ -107,6 +112,9 @@ def serve() -> None:
     from tests.simulation import world  # noqa: F401 - resolve() and its imports, once
 
     no_backoff_sleep()
+    # Everything imported so far stays put: a child's garbage collector does not write to (and
+    # so copy) the pages of the objects it shares with the server.
+    gc.freeze()
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     while True:
@@ -116,7 +124,7 @@ def serve() -> None:
         req = json.loads(line)
         pid = os.fork()
         if pid == 0:
-            _child(req)  # never returns: the child leaves through SystemExit or os._exit
+            _child(req)  # never returns: the child leaves through os._exit
         replies.write(json.dumps({"pid": pid}) + "\n")
         _, status = os.waitpid(pid, 0)
         replies.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n")
@@ -137,9 +145,29 @@ def _child(req: dict) -> None:
     install_hook(req["spec"])
     from agent.cli import main as agent_main
 
-    # SystemExit unwinds through serve() and main() (neither catches it) to the interpreter's
-    # own exit: atexit, thread joins and flushes as in a process started for this run.
-    sys.exit(agent_main(req["argv"]))
+    try:
+        code = agent_main(req["argv"])
+    except SystemExit as e:
+        code = e.code
+    except BaseException:  # noqa: BLE001 - as the interpreter reports an uncaught exception
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    # The interpreter's exit, up to what can change the world: wait for the non-daemon threads,
+    # run the atexit functions, finalize the garbage (a file or connection left unclosed),
+    # flush. Tearing down every module (most of a fork's exit time, and a copy of every page it
+    # touches) changes nothing outside this process.
+    threading._shutdown()  # noqa: SLF001 - what Py_FinalizeEx calls first
+    atexit._run_exitfuncs()  # noqa: SLF001
+    gc.collect()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ outage is a fault of the agent's link, not a loss of data.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -24,8 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +86,7 @@ class World:
     container: ContainerClient = field(init=False)
     killer: Killer | None = field(init=False, default=None)
     _admin: object | None = field(init=False, default=None)
+    _http: http.client.HTTPConnection | None = field(init=False, default=None)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -116,6 +116,8 @@ class World:
         if self._admin is not None:
             with contextlib.suppress(Exception):
                 self._admin.close()
+        if self._http is not None:
+            self._http.close()
         _proc.terminate(self.server)
         self.azure_proxy.close()
         self.mysql_proxy.close()
@@ -331,11 +333,28 @@ class World:
             return None
 
     def served(self, blob_name: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"{self.server_url}/{blob_name}", timeout=30) as r:  # noqa: S310
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, b""
+        """GET /<name> on the stream server: (status, body; empty unless 200). One kept-alive
+        connection for all the checks, as nginx keeps its upstream connections; a connection the
+        server closed while idle is opened again and the GET sent once more, as nginx does."""
+        for fresh in (False, True):
+            if self._http is None or fresh:
+                if self._http is not None:
+                    self._http.close()
+                host, port = self.server_url.removeprefix("http://").rsplit(":", 1)
+                self._http = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                self._http.request("GET", f"/{blob_name}")
+                r = self._http.getresponse()
+                body = r.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if fresh:
+                    raise
+                continue
+            if r.will_close:
+                self._http.close()
+                self._http = None
+            return r.status, body if r.status == 200 else b""
+        raise AssertionError("unreachable")
 
     # ---- running the agent ----------------------------------------------------------------
 
