@@ -63,6 +63,8 @@ def run_seed(run_seed: int, budget: int, steps: int, max_examples: int | None, s
     except Violation as e:
         return {"kind": e.kind, "detail": str(e), "steps": _steps(e, report.getvalue())}
     except Exception as e:  # noqa: BLE001 - the harness itself broke: record it, go on
+        if _budget_end(e):
+            return None
         return {
             "kind": f"harness:{type(e).__name__}",
             "detail": str(e)[:2000],
@@ -72,6 +74,18 @@ def run_seed(run_seed: int, budget: int, steps: int, max_examples: int | None, s
     finally:
         Simulation.step_budget = None
     return None
+
+
+def _budget_end(e: BaseException) -> bool:
+    """Hypothesis sometimes reports the BudgetReached that ends a run as its own error (a test
+    case that "stopped drawing earlier" than the one before): that is the end of the budget, not
+    a failure."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, BudgetReached):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _steps(e: BaseException, printed: str) -> list[str]:

@@ -52,6 +52,12 @@ def _rst(sock: socket.socket) -> None:
     """Close with an RST instead of a FIN: the peer sees ECONNRESET, as on a dropped link."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # Wake the other thread of this connection if it sits in recv() on this socket: on Linux a
+    # close() alone does not, and the socket (so the RST) then lives on until that recv returns.
+    # A lost response on a kept-alive connection then reached the agent as a silent hang until
+    # its network timeout instead of a reset. SHUT_RD sends nothing to the peer.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 

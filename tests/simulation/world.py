@@ -11,18 +11,20 @@ outage is a fault of the agent's link, not a loss of data.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import os
 import random
 import re
+import select
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,9 @@ class World:
     server: subprocess.Popen | None = field(init=False, default=None)
     server_url: str = field(init=False, default="")
     container: ContainerClient = field(init=False)
+    killer: Killer | None = field(init=False, default=None)
+    _admin: object | None = field(init=False, default=None)
+    _http: http.client.HTTPConnection | None = field(init=False, default=None)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -106,6 +111,13 @@ class World:
         self._start_server()
 
     def close(self) -> None:
+        if self.killer is not None:
+            self.killer.close()
+        if self._admin is not None:
+            with contextlib.suppress(Exception):
+                self._admin.close()
+        if self._http is not None:
+            self._http.close()
         _proc.terminate(self.server)
         self.azure_proxy.close()
         self.mysql_proxy.close()
@@ -212,36 +224,41 @@ class World:
 
     # ---- GigHive's database ---------------------------------------------------------------
 
-    def _admin_sql(self, *statements: str, args: list[tuple] | None = None) -> list[tuple]:
-        conn = self.mariadb.admin_connect(database=self.mariadb.database)
+    @contextlib.contextmanager
+    def _admin_cursor(self) -> Iterator[object]:
+        """GigHive's side of the DB: one root connection over the unix socket, kept for the whole
+        run (autocommit: every statement is committed when it returns, as with a connection per
+        statement; the agent's MySQL outages are its proxy's and never reach this one)."""
+        if self._admin is None:
+            self._admin = self.mariadb.admin_connect(database=self.mariadb.database)
         try:
-            rows: list[tuple] = []
-            with conn.cursor() as cur:
-                for s in statements:
-                    cur.execute(s)
-                    rows = list(cur.fetchall())
-            return rows
-        finally:
-            conn.close()
+            with self._admin.cursor() as cur:
+                yield cur
+        except Exception:
+            # A broken connection is not reused; the statement's error still reaches the caller.
+            with contextlib.suppress(Exception):
+                self._admin.close()
+            self._admin = None
+            raise
+
+    def _admin_sql(self, *statements: str, args: list[tuple] | None = None) -> list[tuple]:
+        rows: list[tuple] = []
+        with self._admin_cursor() as cur:
+            for s in statements:
+                cur.execute(s)
+                rows = list(cur.fetchall())
+        return rows
 
     def insert_asset(self, file_type: str, sha: str, ext: str, size: int) -> None:
-        conn = self.mariadb.admin_connect(database=self.mariadb.database)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "INSERT IGNORE INTO assets (checksum_sha256, file_type, file_ext, size_bytes) VALUES (%s,%s,%s,%s)",
-                    (sha, file_type, ext, size),
-                )
-        finally:
-            conn.close()
+        with self._admin_cursor() as cur:
+            cur.execute(
+                "INSERT IGNORE INTO assets (checksum_sha256, file_type, file_ext, size_bytes) VALUES (%s,%s,%s,%s)",
+                (sha, file_type, ext, size),
+            )
 
     def delete_asset(self, file_type: str, sha: str) -> None:
-        conn = self.mariadb.admin_connect(database=self.mariadb.database)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("DELETE FROM assets WHERE checksum_sha256 = %s AND file_type = %s", (sha, file_type))
-        finally:
-            conn.close()
+        with self._admin_cursor() as cur:
+            cur.execute("DELETE FROM assets WHERE checksum_sha256 = %s AND file_type = %s", (sha, file_type))
 
     def truncate(self, table: str) -> None:
         # As GigHive's import paths do it: foreign key checks off, then TRUNCATE.
@@ -252,16 +269,12 @@ class World:
 
     def restore_dump(self, dump: dict[str, list[tuple]]) -> None:
         """A DB restored from an earlier backup: both tables replaced by the dump's rows."""
-        conn = self.mariadb.admin_connect(database=self.mariadb.database)
-        try:
-            with conn.cursor() as cur:
-                for table, rows in dump.items():
-                    cur.execute(f"DELETE FROM {table}")
-                    if rows:
-                        marks = ",".join(["%s"] * len(rows[0]))
-                        cur.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
-        finally:
-            conn.close()
+        with self._admin_cursor() as cur:
+            for table, rows in dump.items():
+                cur.execute(f"DELETE FROM {table}")
+                if rows:
+                    marks = ",".join(["%s"] * len(rows[0]))
+                    cur.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
 
     def pointers(self) -> dict[str, tuple]:
         return {r[0]: r[1:] for r in self._admin_sql(f"SELECT media_path, provider, local_copy FROM {MSL}")}
@@ -320,11 +333,28 @@ class World:
             return None
 
     def served(self, blob_name: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"{self.server_url}/{blob_name}", timeout=30) as r:  # noqa: S310
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, b""
+        """GET /<name> on the stream server: (status, body; empty unless 200). One kept-alive
+        connection for all the checks, as nginx keeps its upstream connections; a connection the
+        server closed while idle is opened again and the GET sent once more, as nginx does."""
+        for fresh in (False, True):
+            if self._http is None or fresh:
+                if self._http is not None:
+                    self._http.close()
+                host, port = self.server_url.removeprefix("http://").rsplit(":", 1)
+                self._http = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                self._http.request("GET", f"/{blob_name}")
+                r = self._http.getresponse()
+                body = r.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if fresh:
+                    raise
+                continue
+            if r.will_close:
+                self._http.close()
+                self._http = None
+            return r.status, body if r.status == 200 else b""
+        raise AssertionError("unreachable")
 
     # ---- running the agent ----------------------------------------------------------------
 
@@ -335,7 +365,7 @@ class World:
         self.write_config(**overrides)
         full = ["--config", str(self.config_path), *argv, "--json"]
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _clean_env():
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _clean_env(), _no_backoff_sleep():
             try:
                 code = main(full)
             except SystemExit as e:  # argparse: usage errors
@@ -364,35 +394,21 @@ class World:
         """The agent as a child process that dies (os._exit(137), like SIGKILL: no cleanup, no
         flush) at the nth call of `target`, before or after the call happens."""
         self.write_config(**overrides)
-        spec = json.dumps({"target": target, "nth": nth, "when": when})
+        spec = {"target": target, "nth": nth, "when": when}
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
         env.pop("JOURNAL_STREAM", None)
         env.pop("GIGHIVE_MEDIA_CONFIG", None)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tests.simulation.killer",
-                spec,
-                "--config",
-                str(self.config_path),
-                *argv,
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env=env,
-            timeout=300,
-        )
-        killed = proc.returncode == 137
+        if self.killer is None:
+            self.killer = Killer(self.base / "killer.log", env)
+        code, stdout, stderr = self.killer.run(spec, ["--config", str(self.config_path), *argv, "--json"], env)
+        killed = code == 137
         return AgentRun(
             argv,
-            None if killed else proc.returncode,
-            None if killed else _json(proc.stdout),
+            None if killed else code,
+            None if killed else _json(stdout),
             killed=killed,
             hook_fired=killed,
-            stderr=proc.stderr[-4000:],
+            stderr=stderr[-4000:],
         )
 
     def agent_has_option(self, command: str, option: str) -> bool:
@@ -405,6 +421,88 @@ class World:
             if sub is not None:
                 return any(option in a.option_strings for a in sub._actions)  # noqa: SLF001
         return False
+
+
+class Killer:
+    """The fork server of tests/simulation/killer.py: every killed run is a child process of its
+    own, forked from one that has imported the agent already (a new interpreter and the Azure
+    SDK's imports took most of a killed run's time)."""
+
+    TIMEOUT = 300  # as the run's own subprocess timeout was: a hung agent fails the step
+
+    def __init__(self, log: Path, env: dict[str, str]) -> None:
+        self.dir = log.parent / "killer"
+        self.dir.mkdir(exist_ok=True)
+        preexec = _proc._die_with_parent if threading.current_thread() is threading.main_thread() else None  # noqa: SLF001
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.simulation.killer", "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=REPO,
+                env=env,
+                preexec_fn=preexec,  # only prctl(): the server dies with this process
+                close_fds=True,
+            )
+        self._buf = b""
+
+    def run(self, spec: dict, argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+        out, err = self.dir / "stdout", self.dir / "stderr"
+        request = {"spec": spec, "argv": argv, "env": env, "out": str(out), "err": str(err)}
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + self.TIMEOUT
+        pid = self._reply(deadline)["pid"]
+        try:
+            code = self._reply(deadline)["code"]
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._reply(time.monotonic() + 60)
+            raise
+        return code, out.read_text(errors="replace"), err.read_text(errors="replace")
+
+    def _reply(self, deadline: float) -> dict:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired("killer", self.TIMEOUT)
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                data = os.read(fd, 65536)
+                if not data:
+                    raise RuntimeError(f"the killer's fork server died (exit {self.proc.wait()}); see killer.log")
+                self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # the server's loop ends at end of input
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@contextlib.contextmanager
+def _no_backoff_sleep() -> Iterator[None]:
+    """In-process agent runs: the Azure SDK's in-request retries without their waits (see
+    killer.no_backoff_sleep; the stream server, a process of its own, keeps them)."""
+    from azure.core.pipeline.transport._base import HttpTransport
+
+    original = HttpTransport.sleep
+    HttpTransport.sleep = lambda self, duration: None
+    try:
+        yield
+    finally:
+        HttpTransport.sleep = original
 
 
 def _proxy(host: str, port: int, http: bool) -> FaultProxy:
