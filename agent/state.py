@@ -465,7 +465,12 @@ class StateStore:
         verified_at: float,
         pointer: str,
         blocks_reused: int,
-    ) -> None:
+        asset: tuple[str, str] | None = None,
+    ) -> int:
+        """Returns how many soft deletes of the file's asset (`asset`: its `assets` key) this
+        cancelled: GigHive wrote the file again, so the asset is wanted (agent.deletes). In the
+        same transaction, so that no kill leaves a re-uploaded file, later evicted, whose blob a
+        stale soft delete would leave out of the way back and purge."""
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -474,6 +479,12 @@ class StateStore:
                 "local_copy = 1, blocks_reused = ?, next_attempt_at = 0, updated_at = ? WHERE blob_name = ?",
                 (size, mtime_ns, inode, sha256, md5, etag, now, verified_at, pointer, blocks_reused, now, blob_name),
             )
+            if asset is None:
+                return db.execute("DELETE FROM deletions WHERE blob_name = ?", (blob_name,)).rowcount
+            return db.execute(
+                "DELETE FROM deletions WHERE blob_name = ? OR (file_type = ? AND checksum = ?)",
+                (blob_name, asset[0], asset[1]),
+            ).rowcount
 
     def mark_failed(self, blob_name: str, error: str, policy: RetryPolicy, rng: random.Random | None = None) -> str:
         """Count a failed attempt that belongs to this file; returns the new state ('failed' or 'dead').

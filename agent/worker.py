@@ -28,7 +28,7 @@ from .eviction_policy import EvictionPolicy
 from .media import MediaFile, media_file_for_blob, media_file_for_path, name_problem
 from .media_urls import media_file_for_target
 from .notify import Notifier
-from .pointer import PointerDB, PointerUnavailable
+from .pointer import PointerDB, PointerUnavailable, asset_key
 from .ratelimit import RateLimiter
 from .scan import ScanReport, classify, walk, walk_root
 from .state import POINTER_DONE, POINTER_NONE, POINTER_PENDING, FileRecord, StateStore, backoff_delay
@@ -407,7 +407,7 @@ class Worker:
             self._outage_cleared = True
             safety.clear_outage(self.state)
         pointer = POINTER_PENDING if self.pointer_db is not None else POINTER_NONE
-        self.state.mark_uploaded(
+        undeleted = self.state.mark_uploaded(
             rec.blob_name,
             size=result.size,
             mtime_ns=result.mtime_ns,
@@ -418,7 +418,14 @@ class Worker:
             verified_at=now,
             pointer=pointer,
             blocks_reused=result.blocks_reused,
+            asset=asset_key(mf),
         )
+        if undeleted:
+            log.info(
+                "%s is on disk again: the soft delete of its asset is cancelled",
+                rec.blob_name,
+                extra={"fields": fields},
+            )
         if result.already_present:
             report.already_present += 1
         else:

@@ -255,3 +255,28 @@ def test_a_restored_older_dump_is_seen_by_the_pointer_rows_it_took(
     back = h.cli_json("migrate", "--to-local", "--no-progress")
     assert back["complete"] is True and victim not in back["left_in_blob"], back
     assert local_path(media_roots, victim).read_bytes() == files[victim]
+
+
+def test_a_soft_deleted_file_written_again_is_wanted_even_if_its_row_is_lost_again(
+    db_harness: Harness, media_roots, media_db
+) -> None:
+    """Found by the long simulation (seed 12000): GigHive deleted an asset (soft delete recorded),
+    the file was uploaded again, its new row was gone again before any run of the agent saw it
+    (a TRUNCATE, a restore), and the file was evicted. The stale soft delete then left it out of
+    the way back, which called local safe with the file only in Blob (and would have purged it 30
+    days later)."""
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=6, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[0]
+    gighive_delete(media_db, media_roots, victim)
+    assert h.cli_json("retry")["soft_deleted"] == [victim]
+    local_path(media_roots, victim).write_bytes(files[victim])  # uploaded again
+    h.cli("upload", "--no-watch", check=True)
+    assert victim not in {row["blob_name"] for row in h.cli_json("status")["soft_deleted"]}
+    db_exec(media_db, "TRUNCATE TABLE assets")  # its new row, and every other, gone again
+    h.cli("migrate", "--evict-local", "--no-progress", check=True)
+    assert not local_path(media_roots, victim).exists()
+    back = h.cli_json("migrate", "--to-local", "--no-progress")
+    assert back["complete"] is True and victim not in back["left_in_blob"], back
+    assert local_path(media_roots, victim).read_bytes() == files[victim]
