@@ -268,6 +268,14 @@ class PointerDB:
             return None
         return {(str(r[0]), str(r[1]).lower()) for r in self._execute("SELECT file_type, checksum_sha256 FROM assets")}
 
+    def has_asset(self, key: tuple[str, str]) -> bool:
+        """GigHive's `assets` has a row for this (file_type, checksum_sha256) right now."""
+        return bool(
+            self._execute(
+                "SELECT COUNT(*) FROM assets WHERE file_type = %s AND checksum_sha256 = %s", (key[0], key[1])
+            )[0][0]
+        )
+
     def asset_rows(self) -> tuple[dict[tuple[str, str], int], int | None] | None:
         """Every asset's key with its `asset_id` (the lowest, when tenants share a file), and the
         table's next AUTO_INCREMENT value; None without the table.

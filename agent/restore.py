@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import interrupts
@@ -30,6 +31,8 @@ class Restored:
     size: int
     sha256: str
     downloaded: bool  # False when a verified copy was already in place
+    # GigHive deleted the file while it came back: not put in place (or taken away again).
+    withdrawn: bool = False
 
 
 def sha256_of(path: str, chunk: int = 4 * 1024 * 1024) -> tuple[int, str]:
@@ -45,7 +48,19 @@ def sha256_of(path: str, chunk: int = 4 * 1024 * 1024) -> tuple[int, str]:
 # A stop gives a restore in flight a short grace: to finish its link and clean-up, or to give up
 # between two chunks (and remove its temporary file).
 @interrupts.busy()
-def restore(store: AzureBlobStore, mf: MediaFile, size: int, sha256: str, mtime_ns: int | None) -> Restored:
+def restore(
+    store: AzureBlobStore,
+    mf: MediaFile,
+    size: int,
+    sha256: str,
+    mtime_ns: int | None,
+    still_wanted: Callable[[], bool] | None = None,
+) -> Restored:
+    """`still_wanted`: asked once the bytes are verified, before and after they go in place. A
+    download takes a while, and GigHive may delete the file meanwhile: its admin delete unlinks
+    the local file only if it is there, so a copy put in place after that would bring back what
+    the operator deleted. A copy the agent itself just put in place is taken away again (same
+    inode); the blob it came from is untouched."""
     expected = mf.expected_sha256
     if expected is not None and expected != sha256:
         raise RestoreFailed(f"the recorded sha256 {sha256} differs from the one in the name {expected}")
@@ -96,12 +111,21 @@ def restore(store: AzureBlobStore, mf: MediaFile, size: int, sha256: str, mtime_
             _match_directory_owner(out.fileno(), directory)
         if mtime_ns is not None:
             os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        if still_wanted is not None and not still_wanted():
+            return Restored(size, sha256, downloaded=True, withdrawn=True)
         try:
             os.link(tmp, target)
         except FileExistsError:
             have = sha256_of(str(target))
             if have != (size, sha256):
                 raise RestoreFailed(f"{target} appeared meanwhile with other content; not overwritten") from None
+        if still_wanted is not None and not still_wanted():
+            ours = os.lstat(tmp).st_ino
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(target).st_ino == ours:
+                    os.unlink(target)
+            _fsync_dir(directory)
+            return Restored(size, sha256, downloaded=True, withdrawn=True)
         _fsync_dir(directory)
     except OSError as e:
         if e.errno == errno.ENOSPC:

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import deletes, safety
@@ -58,6 +59,10 @@ class NotEnoughSpace(AgentError):
 
 class UnitsActive(AgentError):
     exit_code = EXIT_FAILURE
+
+
+# The claim of a file whose asset has its row in GigHive's `assets`: checked again as it comes back.
+CLAIMED_BY_ROW = "GigHive's assets table"
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,22 @@ def survey(
     return out
 
 
+def _row_still_there(db: PointerDB | None, mf) -> Callable[[], bool] | None:
+    """Asked as the file comes back: does GigHive still have its asset? When MySQL cannot say, the
+    file comes back (restoring too much loses nothing)."""
+    key = asset_key(mf)
+    if db is None or key is None:
+        return None
+
+    def ask() -> bool:
+        try:
+            return db.has_asset(key)
+        except PointerUnavailable:
+            return True
+
+    return ask
+
+
 def _pointers_gone(state: StateStore | None, pointers: dict[str, Location] | None) -> str | None:
     """Rows the agent wrote that are gone from the database: it was cleared or restored since."""
     if state is None or pointers is None:
@@ -167,7 +188,7 @@ def _claimed_by(rec: FileRecord | None, loc: Location | None, found: deletes.Ass
     if key is not None and key in found.lost:
         return f"GigHive's assets table before it was rebuilt ({found.lost[key]})"
     if assets.keys is not None and key is not None:
-        return "GigHive's assets table" if key in assets.keys else None
+        return CLAIMED_BY_ROW if key in assets.keys else None
     if rec is not None and rec.state in ("uploaded", "evicted"):
         return f"the agent's state ({rec.state})"
     if loc is not None and loc.provider == "azure_blob":
@@ -261,6 +282,7 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
         )
         restored = downloaded = 0
         nbytes = 0
+        withdrawn: list[str] = []
         failures: list[dict[str, str]] = [
             {"blob_name": n, "error": "blob metadata cannot prove its content; not restored"}
             for n in found.unverifiable
@@ -274,7 +296,8 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
                 mf = media_file_for_blob(config, w.name)
                 assert mf is not None  # survey() only lists names under configured roots
                 try:
-                    result = restore(store, mf, w.size, w.sha256, w.mtime_ns)
+                    still = _row_still_there(db, mf) if w.why == CLAIMED_BY_ROW else None
+                    result = restore(store, mf, w.size, w.sha256, w.mtime_ns, still)
                 except RestoreFailed as e:
                     failures.append({"blob_name": w.name, "error": str(e)})
                     log.error("cannot restore %s: %s", w.name, e, extra={"fields": {"blob_name": w.name}})
@@ -284,6 +307,21 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
                     outage = str(e)
                     log.error("Azure Blob is unusable (%s); stopping, run it again later", e)
                     break
+                if result.withdrawn:
+                    # GigHive's delete, seen as it happened: recorded like any delete the agent
+                    # infers, so the verdict counts it as one, and the file stays in Blob only.
+                    key = asset_key(mf)
+                    if key is not None:
+                        grace = config.purge_deleted_after_days * 86400.0
+                        state.add_deletion(w.name, key[0], key[1], time.time() + grace)
+                    withdrawn.append(w.name)
+                    log.warning(
+                        "not restored %s: GigHive deleted its asset while it came back; left in Blob",
+                        w.name,
+                        extra={"fields": {"blob_name": w.name}},
+                    )
+                    progress.advance(1, w.size)
+                    continue
                 restored += 1
                 downloaded += int(result.downloaded)
                 nbytes += result.size if result.downloaded else 0
@@ -313,11 +351,12 @@ def run(config: Config, roots: tuple[MediaRoot, ...], opts) -> tuple[dict[str, o
         "pointers_flipped_to_local": pointers,
         "failed": len(failures),
         "errors": failures[:50],
-        "left_in_blob": found.left_in_blob[:50],
-        "left_in_blob_count": len(found.left_in_blob),
+        "left_in_blob": (found.left_in_blob + withdrawn)[:50],
+        "left_in_blob_count": len(found.left_in_blob) + len(withdrawn),
+        "deleted_meanwhile": withdrawn[:50],
         "unlisted": found.unlisted[:50],
         "unlisted_count": len(found.unlisted),
-        "still_only_in_blob": len(found.missing) - restored,
+        "still_only_in_blob": len(found.missing) - restored - len(withdrawn),
         "complete": bool(verdict.get("safe")) and not failures and outage is None,
         "safe": bool(verdict.get("safe")),
         "reasons": verdict.get("reasons", []),

@@ -101,3 +101,13 @@ def test_to_local_does_not_bring_back_a_deleted_file(sim: Simulation) -> None:
     agent(sim, "migrate_evict")
     step(sim, sim.admin_delete, 0)
     agent(sim, "to_local")
+
+
+def test_to_local_does_not_bring_back_a_file_deleted_while_it_comes_back(sim: Simulation) -> None:
+    """Found by the long run (seed 15000): GigHive deleted an asset while `--to-local` was bringing
+    its file back. Its admin delete unlinks the local file only if it is there, so the restored
+    copy brought the deleted file back. The claim is now asked again before and after the link
+    (the "after" is tests/integration/test_restore_race.py)."""
+    library(sim)
+    agent(sim, "migrate_evict")
+    agent(sim, "to_local", fault="race", hook="store.stat", nth=1, race="delete")
