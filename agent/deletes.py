@@ -102,6 +102,18 @@ def _rebuilt(state: StateStore, seen: dict[tuple[str, str], int | None], witness
     renumbered = sum(1 for k, i in witness.ids.items() if seen.get(k) is not None and seen[k] != i)
     if renumbered:
         return f"GigHive's assets table was rebuilt: {renumbered} row(s) came back under a new asset_id"
+    # AUTO_INCREMENT never hands out an id again, but a TRUNCATE starts it over: a row the agent
+    # has not seen, under an id no higher than one it has, was numbered after a reset (seed 16000:
+    # TRUNCATE, then one new file, between two looks: same count, same counter).
+    known = [i for i in seen.values() if i is not None]
+    if known:
+        top = max(known)
+        reused = sum(1 for k, i in witness.ids.items() if k not in seen and i <= top)
+        if reused:
+            return (
+                f"GigHive's assets table was rebuilt: {reused} new row(s) took an asset_id it had used before "
+                "(a TRUNCATE starts the counter over)"
+            )
     before = state.get_meta(NEXT_ID_KEY)
     if before and witness.next_id is not None and witness.next_id < int(before):
         return (

@@ -280,3 +280,21 @@ def test_a_soft_deleted_file_written_again_is_wanted_even_if_its_row_is_lost_aga
     back = h.cli_json("migrate", "--to-local", "--no-progress")
     assert back["complete"] is True and victim not in back["left_in_blob"], back
     assert local_path(media_roots, victim).read_bytes() == files[victim]
+
+
+def test_a_truncate_and_one_new_file_between_two_looks_is_not_a_delete(
+    db_harness: Harness, media_roots, media_db
+) -> None:
+    """Found by the long simulation (seed 16000): one evicted file, `TRUNCATE assets`, one new
+    file, then the timer: the same row count and the same AUTO_INCREMENT as before, and no row in
+    common. The new row's reused asset_id shows the reset."""
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=1, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[0]
+    rows = [n for n in files if n.count("/") == 1]
+    db_exec(media_db, "TRUNCATE TABLE assets")
+    newcomers = [n for n in build_library(media_roots, small=1, large=0, seed=77) if n.count("/") == 1]
+    add_assets(media_db, newcomers[: len(rows)])  # as many rows as before, none in common
+    h.cli("upload", "--no-watch", check=True)
+    lost_then_restored(h, media_roots, files, victim)
