@@ -11,8 +11,9 @@ that decides it, for the timer's runs and for the way back alike):
   disk leaves out exactly the evicted files. So a row that vanished in a mass disappearance is
   *lost*, not deleted, and stays lost until it comes back or the operator confirms
   (`reconcile --accept-assets-shrink`). A rebuild is seen as an empty, missing or shrunk table;
-  as rows renumbered (`asset_id`) or an AUTO_INCREMENT counter that went back, which a delete
-  never does; or as pointer rows of the agent's own table gone from the same database;
+  as rows renumbered (`asset_id`), a new row under an id the table had used before, or an
+  AUTO_INCREMENT counter that went back, none of which a delete does; or as pointer rows of the
+  agent's own table gone from the same database;
 - the asset's local file is gone too.
 
 Its blobs (the media file and its thumbnail) are then soft-deleted: recorded with a purge time
@@ -23,9 +24,9 @@ the asset is still gone from a whole table, no local file has appeared, the agen
 names the blob's ETag, and the delete is conditional on that ETag. A mass disappearance never
 leads to a purge.
 
-What is left, and said in docs/reliability.md: a TRUNCATE and a refill, both between two looks,
-that give every surviving row its old id and leave the counter where it was (only possible when
-the rows left out are the newest) look exactly like a delete.
+What is left, and said in docs/reliability.md: where the server does not report the table's
+AUTO_INCREMENT, a TRUNCATE and a refill, both between two looks, that add no new row and leave out
+only the newest rows (every survivor keeps its old id) look exactly like a delete.
 """
 
 from __future__ import annotations
