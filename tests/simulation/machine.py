@@ -258,6 +258,9 @@ class Simulation(RuleBasedStateMachine):
             self._note(f"new_file {item.name} ({len(data)} bytes, atomic)")
         else:
             # A zip import or rsync --partial: the final name exists, half written, for a while.
+            # GigHive itself puts a deleted name back on disk here: no longer the operator's delete
+            # for the reverse check (seed 19000 was this model error).
+            self.deleted.discard(item.name)
             path = self.w.local_path(item.name)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             half = len(data) // 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.simulation.machine import Simulation
+from tests.simulation.machine import Simulation, content
 from tests.simulation.world import patched
 
 NO_FAULT = {"fault": "none", "hook": "os.unlink", "nth": 1, "after": False, "race": "rewrite", "lost": (None, None)}
@@ -111,3 +111,17 @@ def test_to_local_does_not_bring_back_a_file_deleted_while_it_comes_back(sim: Si
     library(sim)
     agent(sim, "migrate_evict")
     agent(sim, "to_local", fault="race", hook="store.stat", nth=1, race="delete")
+
+
+def test_gighive_writing_a_deleted_name_again_is_not_the_agent_bringing_it_back(sim: Simulation) -> None:
+    """A model error found by the long run (seed 19000): after an admin delete, GigHive wrote the
+    same file again, half at first (a zip import); the model still counted the name as deleted,
+    and took GigHive's own write for the agent bringing it back."""
+    step(sim, sim.new_file, 1006, False, False, True, False)  # keeps `assets` non-empty (checkable)
+    step(sim, sim.new_file, 1005, False, False, True, False)
+    agent(sim, "upload")
+    agent(sim, "retry")
+    victim = sim.items[next(sha for sha, i in sim.items.items() if i.data == content(1005, False))].name
+    sim._admin_delete(next(i for i in sim.items.values() if i.name == victim))
+    sim.every_wanted_file_is_readable_and_served()
+    step(sim, sim.new_file, 1005, False, False, False, False)  # the same bytes, half written
