@@ -173,6 +173,13 @@ def restore_without(media_db, sha: str) -> None:
         conn.close()
 
 
+def way_back_restores(h: Harness, media_roots, files, victim: str) -> None:
+    """`--to-local` brings the file home, byte for byte, and calls local safe."""
+    back = h.cli_json("migrate", "--to-local", "--no-progress")
+    assert back["complete"] is True and victim not in back["left_in_blob"], back
+    assert local_path(media_roots, victim).read_bytes() == files[victim]
+
+
 def lost_then_restored(h: Harness, media_roots, files, victim: str) -> None:
     """Nothing soft-deleted, the asset listed as lost, and the way back brings it home."""
     r = h.cli_json("retry")
@@ -180,9 +187,7 @@ def lost_then_restored(h: Harness, media_roots, files, victim: str) -> None:
     status = h.cli_json("status")
     assert status["assets_lost_count"] == 1 and status["assets_lost_why"], status
     assert "not taken for deletes" in h.cli("status").stdout
-    back = h.cli_json("migrate", "--to-local", "--no-progress")
-    assert back["complete"] is True and victim not in back["left_in_blob"], back
-    assert local_path(media_roots, victim).read_bytes() == files[victim]
+    way_back_restores(h, media_roots, files, victim)
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
@@ -252,9 +257,7 @@ def test_a_restored_older_dump_is_seen_by_the_pointer_rows_it_took(
     if first == "retry":
         lost_then_restored(h, media_roots, files, victim)
         return
-    back = h.cli_json("migrate", "--to-local", "--no-progress")
-    assert back["complete"] is True and victim not in back["left_in_blob"], back
-    assert local_path(media_roots, victim).read_bytes() == files[victim]
+    way_back_restores(h, media_roots, files, victim)
 
 
 def test_a_soft_deleted_file_written_again_is_wanted_even_if_its_row_is_lost_again(
@@ -277,9 +280,7 @@ def test_a_soft_deleted_file_written_again_is_wanted_even_if_its_row_is_lost_aga
     db_exec(media_db, "TRUNCATE TABLE assets")  # its new row, and every other, gone again
     h.cli("migrate", "--evict-local", "--no-progress", check=True)
     assert not local_path(media_roots, victim).exists()
-    back = h.cli_json("migrate", "--to-local", "--no-progress")
-    assert back["complete"] is True and victim not in back["left_in_blob"], back
-    assert local_path(media_roots, victim).read_bytes() == files[victim]
+    way_back_restores(h, media_roots, files, victim)
 
 
 def test_a_truncate_and_one_new_file_between_two_looks_is_not_a_delete(
