@@ -88,11 +88,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     return make_tls(tmp_path_factory.mktemp("tls"))
 
 
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    """Azurite blob service over HTTP, SharedKey auth (connection_string), behind the strict-Azure
-    gate: its port, blob_endpoint and connection_string are the gate's (a.gate; direct_* bypass it)."""
-    a = Azurite(tmp_path_factory.mktemp("azurite"))
+def _gated(a: Azurite) -> Iterator[Azurite]:
+    """Start an Azurite behind the strict-Azure gate, register it for the gate's end-of-session
+    report, and stop both at the end."""
     try:
         a.start()
         a.attach_gate()
@@ -103,23 +101,22 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
             _azurites.remove(a)
         a.close_gate()
         a.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """Azurite blob service over HTTP, SharedKey auth (connection_string), behind the strict-Azure
+    gate: its port, blob_endpoint and connection_string are the gate's (a.gate; direct_* bypass it)."""
+    yield from _gated(Azurite(tmp_path_factory.mktemp("azurite")))
 
 
 @pytest.fixture(scope="session")
 def azurite_oauth(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterator[Azurite]:
     """Azurite over HTTPS (certificate signed by tls.ca) accepting bearer tokens (--oauth basic)
     as well as the dev key, behind the strict-Azure gate (HTTPS too, same certificate)."""
-    a = Azurite(tmp_path_factory.mktemp("azurite-oauth"), https=True, cert=tls.cert, key=tls.key, oauth=True)
-    try:
-        a.start()
-        a.attach_gate()
-        _azurites.append(a)
-        yield a
-    finally:
-        if a in _azurites:
-            _azurites.remove(a)
-        a.close_gate()
-        a.stop()
+    yield from _gated(
+        Azurite(tmp_path_factory.mktemp("azurite-oauth"), https=True, cert=tls.cert, key=tls.key, oauth=True)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -258,20 +258,25 @@ def test_imds_is_reached_directly_never_through_a_proxy(
     assert imds_statuses(imds) == [200]
 
 
-def sp_harness(tmp_path, media_roots, azurite_oauth, tls, container, entra, client_id, **settings) -> Harness:
-    """The agent as a service principal of the HTTPS token endpoint `entra`."""
-    return oauth_harness(
-        tmp_path,
-        media_roots,
-        azurite_oauth,
-        tls,
-        container,
-        AZURE_AUTH_MODE="service_principal",
-        AZURE_TENANT_ID=entra.tenant_id,
-        AZURE_CLIENT_ID=client_id,
-        AZURE_AUTHORITY_HOST=entra.url,
-        **settings,
-    )
+@pytest.fixture
+def sp(tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https):
+    """sp(client_id, **settings): the agent as a service principal of the HTTPS token endpoint."""
+
+    def harness(client_id, **settings) -> Harness:
+        return oauth_harness(
+            tmp_path,
+            media_roots,
+            azurite_oauth,
+            tls,
+            oauth_container,
+            AZURE_AUTH_MODE="service_principal",
+            AZURE_TENANT_ID=token_server_https.tenant_id,
+            AZURE_CLIENT_ID=client_id,
+            AZURE_AUTHORITY_HOST=token_server_https.url,
+            **settings,
+        )
+
+    return harness
 
 
 def private_file(path, text: str, mode: int = 0o600):
@@ -280,17 +285,13 @@ def private_file(path, text: str, mode: int = 0o600):
     return path
 
 
-def test_service_principal_with_secret(tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https):
+def test_service_principal_with_secret(
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https, sp
+):
     client_id = str(uuid.uuid4())
     token_server_https.add_client(client_id, secret="correct horse")
     secret = private_file(tmp_path / "sp-secret", "correct horse\n")
-    h = sp_harness(
-        tmp_path,
-        media_roots,
-        azurite_oauth,
-        tls,
-        oauth_container,
-        token_server_https,
+    h = sp(
         client_id,
         AZURE_CLIENT_SECRET_FILE=str(secret),
     )
@@ -301,7 +302,7 @@ def test_service_principal_with_secret(tmp_path, media_roots, azurite_oauth, tls
 
 
 def test_service_principal_secret_from_systemd_credentials(
-    tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https, monkeypatch
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https, sp, monkeypatch
 ):
     client_id = str(uuid.uuid4())
     token_server_https.add_client(client_id, secret="from-credentials-dir")
@@ -309,13 +310,7 @@ def test_service_principal_secret_from_systemd_credentials(
     creds.mkdir()
     (creds / "azure-client-secret").write_text("from-credentials-dir")
     (creds / "azure-client-secret").chmod(0o400)
-    h = sp_harness(
-        tmp_path,
-        media_roots,
-        azurite_oauth,
-        tls,
-        oauth_container,
-        token_server_https,
+    h = sp(
         client_id,
         CREDENTIALS_DIRECTORY=str(creds),
     )
@@ -324,20 +319,14 @@ def test_service_principal_secret_from_systemd_credentials(
 
 
 def test_service_principal_with_certificate(
-    tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https, sp
 ):
     client_id = str(uuid.uuid4())
     token_server_https.add_client(client_id, certificate=tls.client_cert)
     bundle = tmp_path / "sp.pem"
     bundle.write_bytes(tls.client_bundle.read_bytes())
     bundle.chmod(0o600)
-    h = sp_harness(
-        tmp_path,
-        media_roots,
-        azurite_oauth,
-        tls,
-        oauth_container,
-        token_server_https,
+    h = sp(
         client_id,
         AZURE_CLIENT_CERTIFICATE_FILE=str(bundle),
     )
@@ -347,18 +336,12 @@ def test_service_principal_with_certificate(
 
 
 def test_wrong_service_principal_secret_fails_clearly_and_keeps_the_file(
-    tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https
+    tmp_path, media_roots, azurite_oauth, tls, oauth_container, token_server_https, sp
 ):
     client_id = str(uuid.uuid4())
     token_server_https.add_client(client_id, secret="the real one")
     secret = private_file(tmp_path / "sp-secret", "a wrong one")
-    h = sp_harness(
-        tmp_path,
-        media_roots,
-        azurite_oauth,
-        tls,
-        oauth_container,
-        token_server_https,
+    h = sp(
         client_id,
         AZURE_CLIENT_SECRET_FILE=str(secret),
     )

@@ -28,6 +28,16 @@ def gighive_delete(media_db, media_roots, name: str) -> None:
     db_exec(media_db, "DELETE FROM assets WHERE checksum_sha256 = %s", (sha_of(name),))
 
 
+def deleted_after_eviction(h: Harness, media_roots, media_db) -> tuple[dict[str, bytes], str]:
+    """An evicted library the agent has looked at once, then GigHive's delete of one evicted media
+    file: (the library, that file's name)."""
+    files = evicted_library(h, media_roots, media_db, small=6, large=0)
+    h.cli("retry", check=True)
+    victim = evicted_media(files, media_roots)[0]
+    gighive_delete(media_db, media_roots, victim)
+    return files, victim
+
+
 def expire_grace(h: Harness) -> None:
     """The grace period passes: every recorded purge time moves to the past (no waiting)."""
     s = StateStore.open(h.state_dir)
@@ -60,10 +70,7 @@ def test_a_deleted_asset_is_soft_deleted_then_purged_after_the_grace_period(
 
 def test_a_reimported_asset_cancels_its_soft_delete(db_harness: Harness, media_roots, media_db) -> None:
     h = db_harness
-    files = evicted_library(h, media_roots, media_db, small=6, large=0)
-    h.cli("retry", check=True)
-    victim = evicted_media(files, media_roots)[0]
-    gighive_delete(media_db, media_roots, victim)
+    files, victim = deleted_after_eviction(h, media_roots, media_db)
     assert victim in h.cli_json("retry")["soft_deleted"]
     add_assets(media_db, [victim])  # a re-import brings the row back
     r = h.cli_json("retry")
@@ -73,10 +80,7 @@ def test_a_reimported_asset_cancels_its_soft_delete(db_harness: Harness, media_r
 
 def test_undelete_keeps_a_soft_deleted_blob(db_harness: Harness, media_roots, media_db) -> None:
     h = db_harness
-    files = evicted_library(h, media_roots, media_db, small=6, large=0)
-    h.cli("retry", check=True)
-    victim = evicted_media(files, media_roots)[0]
-    gighive_delete(media_db, media_roots, victim)
+    files, victim = deleted_after_eviction(h, media_roots, media_db)
     h.cli("retry", check=True)
     r = h.cli_json("undelete", victim)
     assert r["undeleted"] == [victim]
@@ -133,10 +137,7 @@ def test_a_row_gone_while_the_file_is_still_on_disk_is_not_a_delete(db_harness: 
 
 def test_the_way_back_does_not_bring_back_soft_deleted_assets(db_harness: Harness, media_roots, media_db) -> None:
     h = db_harness
-    files = evicted_library(h, media_roots, media_db, small=6, large=0)
-    h.cli("retry", check=True)
-    victim = evicted_media(files, media_roots)[0]
-    gighive_delete(media_db, media_roots, victim)
+    files, victim = deleted_after_eviction(h, media_roots, media_db)
     h.cli("retry", check=True)
     r = h.cli_json("migrate", "--to-local", "--no-progress")
     assert not local_path(media_roots, victim).exists()
@@ -269,10 +270,7 @@ def test_a_soft_deleted_file_written_again_is_wanted_even_if_its_row_is_lost_aga
     the way back, which called local safe with the file only in Blob (and would have purged it 30
     days later)."""
     h = db_harness
-    files = evicted_library(h, media_roots, media_db, small=6, large=0)
-    h.cli("retry", check=True)
-    victim = evicted_media(files, media_roots)[0]
-    gighive_delete(media_db, media_roots, victim)
+    files, victim = deleted_after_eviction(h, media_roots, media_db)
     assert h.cli_json("retry")["soft_deleted"] == [victim]
     local_path(media_roots, victim).write_bytes(files[victim])  # uploaded again
     h.cli("upload", "--no-watch", check=True)

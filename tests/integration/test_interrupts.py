@@ -349,10 +349,15 @@ def test_migrate_stops_promptly_and_the_next_run_resumes(setup: Setup, case) -> 
     resume(setup, files, "migrate")
 
 
-def test_upload_stops_on_sigterm_on_a_slow_link_and_retry_resumes(setup: Setup) -> None:
-    out, files = case_upload_slow_link(setup)
-    _report("upload slow link", out)
-    assert_stopped_safely(setup, out, signal.SIGTERM, files)
+@pytest.mark.parametrize(
+    ("case", "sig"),
+    [(case_upload_slow_link, signal.SIGTERM), (case_retry_sdk_retrying, signal.SIGINT)],
+    ids=["upload_sigterm_slow_link", "retry_sigint_sdk_retrying"],
+)
+def test_upload_and_retry_stop_promptly_and_retry_resumes(setup: Setup, case, sig) -> None:
+    out, files = case(setup)
+    _report(case.__name__, out)
+    assert_stopped_safely(setup, out, sig, files)
     resume(setup, files, "retry")
 
 
@@ -361,13 +366,6 @@ def test_upload_watching_idle_stops_on_sigterm(setup: Setup) -> None:
     _report("upload idle", out)
     assert_stopped_safely(setup, out, signal.SIGTERM, files)
     assert_library_in_blob(setup, files)
-
-
-def test_retry_stops_on_sigint_while_the_sdk_retries(setup: Setup) -> None:
-    out, files = case_retry_sdk_retrying(setup)
-    _report("retry sdk retrying", out)
-    assert_stopped_safely(setup, out, signal.SIGINT, files)
-    resume(setup, files, "retry")
 
 
 def test_to_local_stops_mid_download_and_the_next_run_restores_every_file(setup: Setup) -> None:
