@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the rows GigHive's assets table lost (many at once, or in a rebuild the agent saw) were deleted "
         "on purpose: trust it, and soft-delete their blobs",
     )
+    p.add_argument(
+        "--accept-state-lost",
+        action="store_true",
+        help="with --prune-orphans: orphan blobs written before the agent's state began (a lost or replaced "
+        "state) are unwanted too, and may be deleted",
+    )
     p = sub.add_parser("undelete", help=COMMANDS["undelete"], description=COMMANDS["undelete"], parents=[common])
     p.add_argument("items", nargs="+", metavar="BLOB_NAME", help="blob name, e.g. video/<sha256>.mp4")
     p = sub.add_parser(
@@ -339,6 +345,7 @@ def dispatch(args: argparse.Namespace, config) -> tuple[dict[str, object], int]:
             prune_orphans=args.prune_orphans,
             dry_run=args.dry_run,
             accept_assets_shrink=args.accept_assets_shrink,
+            accept_state_lost=args.accept_state_lost,
         )
     if command in ("upload", "retry") and not config.is_azure:
         log.info("MEDIA_STORAGE_BACKEND=local: media stays on local disk, nothing to upload")

@@ -493,6 +493,34 @@ def blob_unclaimed(
     return None
 
 
+# The service's clock (a blob's Last-Modified) and the host's (when the state began) disagree a
+# little, and a VM's clock jumps after a suspend: a blob counts as written after the state began
+# only with this much to spare.
+STATE_CLOCK_MARGIN = 3600.0
+
+
+def unvouched_orphan(born: float | None, blob: Listed) -> str | None:
+    """Why the agent's state cannot vouch that nothing wants a blob no witness claims; None when it can.
+
+    Every claim on a blob can be lost at once: the state directory with the host, GigHive's
+    `assets` in a "clear media", the pointer table in a restore (seed 21000: all three, then a run
+    that filled the new state and the table again with other files). The state knows it never
+    tracked a blob only if it already existed when the blob was written; a blob older than the
+    state may be the only copy of a file whose every record is gone."""
+    if born is None or blob.last_modified is None:
+        return "the blob's age, or when the agent's state began, is unknown"
+    if blob.last_modified <= born + STATE_CLOCK_MARGIN:
+        return (
+            f"written {_utc(blob.last_modified)}, before the agent's state began ({_utc(born)}): it may be the "
+            "only copy of a file whose records a lost state took with it"
+        )
+    return None
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+
 def state_witness_problem(state: StateStore, listing: dict[str, Listed]) -> str | None:
     """A state with no uploads while blobs exist was lost or replaced: it cannot vouch for anything."""
     if listing and not any(state.counts().get(s) for s in ("uploaded", "evicted")):

@@ -23,6 +23,7 @@ from .errors import StateError
 
 STATES = ("pending", "uploading", "uploaded", "failed", "dead", "quarantined", "evicted")
 POINTER_NONE, POINTER_PENDING, POINTER_DONE = "none", "pending", "done"
+BORN_KEY = "state_born"
 
 _SCHEMA_VERSION = 3
 _SCHEMA = """
@@ -174,6 +175,14 @@ class StateStore:
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(_SCHEMA_VERSION),))
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),)
+            )
+            # When this state began (agent.safety.unvouched_orphan): a blob written before it may
+            # be the only copy of a file whose record a lost state took with it. A state from
+            # before this was kept dates from its oldest row.
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) "
+                "SELECT ?, CAST(COALESCE(MIN(created_at), ?) AS TEXT) FROM files",
+                (BORN_KEY, time.time()),
             )
         except sqlite3.Error as e:
             raise StateError(f"cannot open state database {path}: {e}") from e
@@ -745,6 +754,11 @@ class StateStore:
     def get_meta(self, key: str) -> str | None:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
+
+    def born(self) -> float | None:
+        """When this state database began (None: a read-only look at one that never recorded it)."""
+        value = self.get_meta(BORN_KEY)
+        return float(value) if value else None
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:

@@ -46,6 +46,7 @@ def run(
     prune_orphans: bool,
     dry_run: bool,
     accept_assets_shrink: bool = False,
+    accept_state_lost: bool = False,
 ) -> tuple[dict[str, object], int]:
     started = time.monotonic()
     names = [r.name for r in roots]
@@ -167,9 +168,16 @@ def run(
                     )
 
         orphans: list[tuple[str, Listed]] = []
+        # Orphans older than the agent's state: no witness claims them, but the state cannot vouch
+        # that none ever did (safety.unvouched_orphan). Kept unless the operator says otherwise.
+        unvouched: dict[str, str] = {}
+        born = state.born()
         for name, blob in listing.items():
             if safety.blob_unclaimed(config, name, records.get(name), pointers, assets, local) is None:
                 orphans.append((name, blob))
+                why = safety.unvouched_orphan(born, blob)
+                if why is not None and not accept_state_lost:
+                    unvouched[name] = why
         # Pruning destroys the only copy of what it deletes: every witness must have been read
         # and look whole, or nothing is deleted (the operator is told which one is missing).
         prune_refused = None
@@ -178,13 +186,10 @@ def run(
             if db is None:
                 prune_refused = "no DB is configured: GigHive's assets table cannot confirm a blob is unwanted"
         for name, blob in orphans:
-            unsafe.append(
-                {
-                    "blob_name": name,
-                    "kind": "orphan_blob",
-                    "detail": f"{blob.size} bytes; no local file and nothing in GigHive refers to it",
-                }
-            )
+            detail = f"{blob.size} bytes; no local file and nothing in GigHive refers to it"
+            if name in unvouched:
+                detail += f"; not pruned: {unvouched[name]} (--accept-state-lost)"
+            unsafe.append({"blob_name": name, "kind": "orphan_blob", "detail": detail})
 
         pruned: list[str] = []
         pointer_errors: list[str] = []
@@ -204,6 +209,8 @@ def run(
                 worker.flip_pending_pointers()
             if prune_orphans and prune_refused is None:
                 for name, blob in orphans:
+                    if name in unvouched:
+                        continue
                     # A stop (agent/interrupts.py) lets the deletion in flight finish with its log
                     # line and pointer row, and starts no other.
                     with interrupts.busy():
@@ -234,6 +241,14 @@ def run(
 
     if prune_refused is not None:
         log.error("reconcile --prune-orphans deleted nothing: %s", prune_refused)
+    elif prune_orphans and unvouched:
+        log.warning(
+            "reconcile --prune-orphans kept %d orphan blob(s) written before the agent's state began (e.g. %s): "
+            "a lost state may have taken their files' records with it. Restore what is wanted with "
+            "`gighive-media migrate --to-local --include-unlisted`, or confirm with --accept-state-lost",
+            len(unvouched),
+            next(iter(unvouched)),
+        )
     remaining_unsafe = [u for u in unsafe if not (u["kind"] == "orphan_blob" and u["blob_name"] in pruned)]
     result: dict[str, object] = {
         "dry_run": dry_run,
@@ -251,6 +266,7 @@ def run(
         "unsafe": remaining_unsafe,
         "orphans": [n for n, _ in orphans],
         "orphans_pruned": pruned,
+        "orphans_older_than_state": sorted(unvouched),
         "errors": pointer_errors,
         "root_errors": scan.root_errors,
         "duration_s": round(time.monotonic() - started, 3),
@@ -350,6 +366,12 @@ def render(result: dict[str, object]) -> str:
         lines.append(f"  {verb_r} {len(rebuilt)} state row(s) from the container (state lost or a commit lost)")
     if result.get("prune_refused"):
         lines.append(f"  NOTHING PRUNED: {result['prune_refused']}")
+    older = result.get("orphans_older_than_state") or []
+    if older:
+        lines.append(
+            f"  {len(older)} orphan blob(s) are older than the agent's state and are never pruned without "
+            "--accept-state-lost (a lost state may have taken their files' records with it)"
+        )
     orphans_left = len(result["orphans"]) - len(result["orphans_pruned"])  # type: ignore[arg-type]
     if orphans_left:
         lines.append(

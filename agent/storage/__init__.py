@@ -37,6 +37,9 @@ class Listed(NamedTuple):
     etag: str
     content_md5: bytes | None
     sha256: str | None
+    # When the blob was last written, by the service's clock (seconds since the epoch); None
+    # where the source does not say (a HEAD turned into a listing entry).
+    last_modified: float | None = None
 
 
 class ObjectNotFound(Exception):

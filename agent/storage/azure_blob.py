@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email.utils
 import io
 import logging
 import platform
@@ -564,8 +565,19 @@ def _listed(blob: ET.Element) -> tuple[str, Listed] | None:
             etag=etag if etag.startswith('"') else f'"{etag}"',
             content_md5=base64.b64decode(md5) if md5 else None,
             sha256=sha256,
+            last_modified=_http_date(props.findtext("Last-Modified")),
         ),
     )
+
+
+def _http_date(text: str | None) -> float | None:
+    """An RFC 1123 date of a listing (Last-Modified) as seconds since the epoch; None if absent."""
+    if not text:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
 
 
 def _listing_error(status: int, body: bytes, headers: Any = None, what: str = "List Blobs failed") -> StoreUnavailable:

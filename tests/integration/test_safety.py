@@ -13,12 +13,14 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import pytest
 
 from agent.actions import retry, upload
 from agent.pointer import TABLE
-from agent.state import StateStore
+from agent.safety import STATE_CLOCK_MARGIN
+from agent.state import BORN_KEY, StateStore
 from tests.integration.agent_harness import Harness, blob_bytes
 from tests.integration.test_migrate import blob_snapshot, build_library, db_harness, local_path, pointer_rows
 from tests.integration.test_verify_reconcile import add_assets, container, db_exec
@@ -41,6 +43,12 @@ def evicted_names(files: dict[str, bytes], media_roots) -> list[str]:
 def evicted_media(files: dict[str, bytes], media_roots) -> list[str]:
     """Evicted top-level media files (named by their own sha256, each an `assets` row)."""
     return [n for n in evicted_names(files, media_roots) if n.count("/") == 1]
+
+
+def state_began_long_ago(h: Harness, seconds: float = 2 * STATE_CLOCK_MARGIN) -> None:
+    """The agent's state has been running for a while: blobs written from now on are younger than
+    it, so it can vouch for what it never tracked (agent.safety.unvouched_orphan)."""
+    StateStore.open(h.state_dir).set_meta(BORN_KEY, str(time.time() - seconds))
 
 
 def assert_every_file_readable(h: Harness, files: dict[str, bytes], media_roots) -> None:
@@ -111,6 +119,7 @@ def test_prune_never_deletes_what_the_agent_evicted_even_if_its_asset_row_is_gon
     h.cli("reconcile", check=True)
     victim = evicted_media(files, media_roots)[0]
     db_exec(media_db, "DELETE FROM assets WHERE checksum_sha256 = %s", (victim.split("/")[-1].split(".")[0],))
+    state_began_long_ago(h)
     stranger = "video/" + "e" * 64 + ".mp4"
     container(h).upload_blob(stranger, b"nothing refers to me")
     r = h.cli_json("reconcile", "--prune-orphans", "--yes")
@@ -209,6 +218,47 @@ def test_reconcile_rebuilds_a_lost_state_from_the_container(db_harness: Harness,
     rows = records(h)
     assert {n for n, rec in rows.items() if rec.state == "evicted"} == set(gone)
     assert_every_file_readable(h, files, media_roots)
+
+
+def test_prune_keeps_an_evicted_blob_whose_every_record_was_lost(db_harness: Harness, media_roots, media_db) -> None:
+    """Found by the long simulation (seed 21000): the state directory lost, `assets` and the
+    pointer table TRUNCATEd, then one new file and a timer run, which filled the new state and both
+    tables again with that file alone. Every witness looked whole, none claimed the evicted files,
+    and prune deleted their blobs: the only copies. The new state cannot vouch for blobs written
+    before it began, so they are kept (and listed), until the operator says the state was lost."""
+    h = db_harness
+    files = evicted_library(h, media_roots, media_db, small=6, large=0)
+    gone = evicted_names(files, media_roots)
+    assert gone
+    shutil.rmtree(h.state_dir)
+    db_exec(media_db, "TRUNCATE TABLE assets")
+    db_exec(media_db, f"TRUNCATE TABLE {TABLE}")
+    path, sha = make_content_addressed(media_roots["audio"], 4000, "mp3", seed=2101)
+    add_assets(media_db, [f"audio/{path.name}"])
+    h.cli("retry", check=True)
+    r = h.cli_json("reconcile", "--prune-orphans", "--yes")
+    assert r["orphans_pruned"] == [], r
+    assert set(gone) <= set(r["orphans_older_than_state"]), r
+    assert all("before the agent's state began" in u["detail"] for u in r["unsafe"] if u["blob_name"] in gone), r
+    assert_every_file_readable(h, files, media_roots)
+    # The way back does not call local safe while they are only in Blob, and brings them home on
+    # the operator's word.
+    r = h.cli_json("migrate", "--to-local", "--include-unlisted", "--no-progress")
+    assert r["complete"] is True, r
+    assert_every_file_local(files, media_roots)
+
+
+def test_prune_deletes_older_orphans_only_on_the_operators_word(db_harness: Harness, media_roots, media_db) -> None:
+    h = db_harness
+    add_assets(media_db, build_library(media_roots, small=3, large=0))
+    h.cli("migrate", "--no-progress", check=True)
+    stranger = "video/" + "c" * 64 + ".mp4"
+    container(h).upload_blob(stranger, b"left by a state that was lost")
+    r = h.cli_json("reconcile", "--prune-orphans", "--yes")  # the state began minutes ago
+    assert r["orphans_pruned"] == [] and r["orphans_older_than_state"] == [stranger], r
+    r = h.cli_json("reconcile", "--prune-orphans", "--yes", "--accept-state-lost")
+    assert r["orphans_pruned"] == [stranger], r
+    assert stranger not in blob_snapshot(h)
 
 
 def test_truncated_pointer_table_is_written_again_by_the_next_timer_run(

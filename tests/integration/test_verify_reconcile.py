@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import pytest
 from azure.storage.blob import ContentSettings
 
 from agent.pointer import TABLE
+from agent.safety import STATE_CLOCK_MARGIN
+from agent.state import BORN_KEY, StateStore
 from tests.integration.agent_harness import Harness, blob_bytes, container_client
 from tests.integration.test_migrate import blob_snapshot, build_library, db_harness, local_path, pointer_rows
 
@@ -142,6 +145,7 @@ def test_reconcile_fixes_broken_pointers_lists_an_orphan_and_prunes_it_only_when
     edited, deleted = names[0], names[1]
     db_exec(media_db, f"UPDATE {TABLE} SET provider='local', etag='\"bogus\"' WHERE media_path=%s", (edited,))
     db_exec(media_db, f"DELETE FROM {TABLE} WHERE media_path=%s", (deleted,))
+    StateStore.open(h.state_dir).set_meta(BORN_KEY, str(time.time() - 2 * STATE_CLOCK_MARGIN))  # running a while
     orphan = f"video/{hashlib.sha256(b'deleted asset').hexdigest()}.mp4"
     container(h).upload_blob(orphan, b"left behind by a deleted asset")
 

@@ -125,3 +125,17 @@ def test_gighive_writing_a_deleted_name_again_is_not_the_agent_bringing_it_back(
     sim._admin_delete(next(i for i in sim.items.values() if i.name == victim))
     sim.every_wanted_file_is_readable_and_served()
     step(sim, sim.new_file, 1005, False, False, False, False)  # the same bytes, half written
+
+
+def test_prune_keeps_blobs_whose_every_record_was_lost(sim: Simulation) -> None:
+    """Found by the long run (seed 21000): the state directory lost, both tables TRUNCATEd, then a
+    new file and a timer run that filled the new state and `assets` with it alone; prune then took
+    the evicted files' blobs for orphans. A state cannot vouch for blobs written before it began."""
+    library(sim)
+    agent(sim, "migrate_evict")
+    step(sim, sim.lose_state)
+    step(sim, sim.truncate, "assets")
+    step(sim, sim.truncate, "media_storage_locations")
+    step(sim, sim.new_file, 1007, False, False, True, False)
+    agent(sim, "retry")
+    agent(sim, "prune")

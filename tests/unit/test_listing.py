@@ -14,6 +14,7 @@ import base64
 import hashlib
 import io
 import xml.etree.ElementTree as ET
+from datetime import UTC, datetime
 
 import requests
 from azure.core.pipeline.transport import RequestsTransport
@@ -89,7 +90,13 @@ def _parse(body: bytes) -> list[tuple[str, Listed]]:
 def test_every_field_real_azure_sends_is_read_or_ignored() -> None:
     ((name, listed),) = _parse(_page(_blob("video/a.mp4")))
     assert name == "video/a.mp4"
-    assert listed == Listed(size=4, etag='"0x8DD1234567890AB"', content_md5=hashlib.md5(b"test").digest(), sha256=SHA)  # noqa: S324
+    assert listed == Listed(
+        size=4,
+        etag='"0x8DD1234567890AB"',
+        content_md5=hashlib.md5(b"test").digest(),  # noqa: S324
+        sha256=SHA,
+        last_modified=datetime(2026, 11, 30, 1, 0, 1, tzinfo=UTC).timestamp(),
+    )
 
 
 def test_a_quoted_etag_stays_as_it_is_and_empty_md5_is_none() -> None:
