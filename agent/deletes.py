@@ -34,11 +34,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import safety
 from .media import media_file_for_blob
-from .pointer import PointerDB, PointerUnavailable, asset_key
+from .pointer import Location, PointerDB, PointerUnavailable, asset_key
 from .state import StateStore
 from .storage.azure_blob import AzureBlobStore
 
@@ -143,9 +144,31 @@ def remember(state: StateStore, found: AssetsLook) -> None:
 
 
 def disturbed(state: StateStore, why: str) -> None:
-    """A witness besides `assets` saw the database rebuilt (agent.worker: pointer rows gone)."""
+    """A witness besides `assets` saw the database rebuilt (pointer rows gone). Durable, and
+    called before the rows are written again: the rewrite erases the sign, so a power cut that
+    kept the rewrite and lost this record would let a restored dump's missing rows pass for
+    GigHive's deletes (seed 21001)."""
     if state.get_meta(DISTURBED_KEY) is None:
-        state.set_meta(DISTURBED_KEY, why)
+        state.set_meta(DISTURBED_KEY, why, durable=True)
+
+
+def blob_etags(pointers: Mapping[str, Location] | None) -> dict[str, str | None] | None:
+    """The rows of the agent's pointer table that point at Blob, as pointers_gone() reads them."""
+    if pointers is None:
+        return None
+    return {name: loc.etag for name, loc in pointers.items() if loc.provider == "azure_blob"}
+
+
+def pointers_gone(state: StateStore | None, have: Mapping[str, str | None] | None) -> str | None:
+    """Pointer rows the agent wrote that the database no longer holds as written (missing, or
+    naming another version): it was cleared or restored since, and `assets` with it. `have`:
+    blob name -> ETag of the rows there now (None: the database could not be read)."""
+    if state is None or have is None:
+        return None
+    gone = sum(1 for name, etag in state.pointer_done_names().items() if name not in have or have[name] != etag)
+    if not gone:
+        return None
+    return f"{gone} of the agent's pointer rows were gone from the database (cleared or restored)"
 
 
 def track(

@@ -106,7 +106,7 @@ def survey(
     pointers: dict[str, Location] | None = db.locations() if db is not None else None
     # The timer's runs notice deletes the same way (agent.deletes), but the units are stopped now,
     # and the hold keeps the pointer audit from seeing a cleared or restored database: so look here.
-    found = deletes.look(state, db, rebuilt_hint=_pointers_gone(state, pointers))
+    found = deletes.look(state, db, rebuilt_hint=deletes.pointers_gone(state, deletes.blob_etags(pointers)))
     assets = found.witness
     out = Survey(assets_problem=assets.problem)
     # Soft-deleted blobs of assets GigHive deleted (agent.deletes) do not come back.
@@ -166,14 +166,6 @@ def _row_still_there(db: PointerDB | None, mf) -> Callable[[], bool] | None:
             return True
 
     return ask
-
-
-def _pointers_gone(state: StateStore | None, pointers: dict[str, Location] | None) -> str | None:
-    """Rows the agent wrote that are gone from the database: it was cleared or restored since."""
-    if state is None or pointers is None:
-        return None
-    gone = sum(1 for name in state.pointer_done_names() if name not in pointers)
-    return f"{gone} of the agent's pointer rows are gone from the database (cleared or restored)" if gone else None
 
 
 def _claimed_by(rec: FileRecord | None, loc: Location | None, found: deletes.AssetsLook, mf) -> str | None:

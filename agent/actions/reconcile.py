@@ -73,7 +73,10 @@ def run(
             return {"error": "unavailable", "message": str(e)}, EXIT_UNAVAILABLE
         try:
             pointers = db.locations() if db is not None else None
-            found = deletes.look(state, db, accept_shrink=accept_assets_shrink)
+            gone = deletes.pointers_gone(state, deletes.blob_etags(pointers))
+            if gone is not None and not dry_run:
+                deletes.disturbed(state, gone)  # before the rows are written again below
+            found = deletes.look(state, db, accept_shrink=accept_assets_shrink, rebuilt_hint=gone)
             assets = found.witness
             if assets.keys is not None and found.lost:
                 # A row lost when GigHive rebuilt the table still claims its blobs (agent.deletes).

@@ -92,6 +92,34 @@ def install_hook(spec: dict) -> None:
     setattr(owner, attr, wrapper)
 
 
+def keep_durable_points(snapshot: str) -> None:
+    """A power cut loses the commits since the last fsync, not the ones before it. After each
+    commit through StateStore.durable() (synchronous=FULL: the WAL fsynced, and every earlier
+    commit with it) the state directory as it stands is copied to `snapshot`: what the
+    simulation's power cut leaves behind (world.revert_state)."""
+    import shutil
+
+    from agent.state import StateStore
+
+    original = StateStore.durable
+
+    @contextlib.contextmanager
+    def durable(self):
+        with self._lock:  # noqa: SLF001 - no other write of this process lands mid-copy
+            with original(self) as db:
+                yield db
+            shutil.rmtree(snapshot, ignore_errors=True)
+            shutil.copytree(os.path.dirname(self.path), snapshot)
+
+    StateStore.durable = durable
+
+
+def install(spec: dict) -> None:
+    install_hook(spec)
+    if spec.get("durable_snapshot"):
+        keep_durable_points(spec["durable_snapshot"])
+
+
 def main() -> None:
     if sys.argv[1:] == ["--serve"]:
         serve()
@@ -99,7 +127,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     argv = sys.argv[2:]
     no_backoff_sleep()
-    install_hook(spec)
+    install(spec)
     from agent.cli import main as agent_main
 
     sys.exit(agent_main(argv))
@@ -142,7 +170,7 @@ def _child(req: dict) -> None:
     os.environ.clear()
     os.environ.update(req["env"])
     sys.argv = ["gighive-media", *req["argv"]]
-    install_hook(req["spec"])
+    install(req["spec"])
     from agent.cli import main as agent_main
 
     try:

@@ -438,14 +438,17 @@ class Simulation(RuleBasedStateMachine):
         STATS["agent_runs"] += 1
         if fault in ("kill", "power_cut"):
             STATS["kills_planned"] += 1
-            snap = self.w.snapshot_state() if fault == "power_cut" else None
-            run = self.w.agent_killed(argv, hook, nth, "after" if after else "before", **overrides)
+            power_cut = fault == "power_cut"
+            if power_cut:
+                self.w.snapshot_state()
+            run = self.w.agent_killed(argv, hook, nth, "after" if after else "before", power_cut, **overrides)
             if run.killed:
                 STATS["kills"] += 1
-                if fault == "power_cut":
-                    # The commits of the killed run are gone (more than synchronous=NORMAL can
-                    # lose; FULL loses none), while its unlinks and blob writes stay done.
-                    self.w.revert_state(snap)
+                if power_cut:
+                    # The killed run's commits since its last durable one are gone (all that
+                    # synchronous=NORMAL may lose; FULL loses none), while its unlinks, blob
+                    # writes and MySQL writes stay done.
+                    self.w.revert_state()
                     STATS["power_cuts"] += 1
         elif fault == "race":
             STATS["races_planned"] += 1

@@ -139,3 +139,19 @@ def test_prune_keeps_blobs_whose_every_record_was_lost(sim: Simulation) -> None:
     step(sim, sim.new_file, 1007, False, False, True, False)
     agent(sim, "retry")
     agent(sim, "prune")
+
+
+def test_a_power_cut_after_the_pointer_rows_are_written_again_keeps_the_sign_of_a_restore(sim: Simulation) -> None:
+    """Found by the long run (seed 21001): a DB restored from a dump older than a file (its
+    `assets` row gone, the counter kept) and the pointer rows with it; a timer run wrote the rows
+    again, and a power cut took its record that the database had been restored. The next look
+    saw one row gone and nothing else: a delete, so the way back left the file in Blob and called
+    local safe. The sign is now recorded durably before the rows are written again."""
+    step(sim, sim.new_file, 1001, True, False, True, True)
+    step(sim, sim.db_backup, False, 0)  # a dump from before the audio file
+    step(sim, sim.new_file, 1002, False, False, True, False)
+    agent(sim, "migrate_evict")
+    agent(sim, "retry")  # reads `assets` whole, with the audio file's row
+    step(sim, sim.db_backup, True, 0)
+    agent(sim, "retry", fault="power_cut", hook="pointer.record_blob", nth=3, after=True)  # the last row
+    agent(sim, "to_local")

@@ -300,19 +300,22 @@ class World:
     def lose_state(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    def snapshot_state(self) -> Path | None:
-        snap = self.base / "state-snapshot"
-        shutil.rmtree(snap, ignore_errors=True)
-        if not self.state_dir.exists():
-            return None
-        shutil.copytree(self.state_dir, snap)
-        return snap
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.base / "state-snapshot"
 
-    def revert_state(self, snap: Path | None) -> None:
-        """A power cut: the state's last commits are gone (see the machine's power_cut)."""
+    def snapshot_state(self) -> None:
+        """The state as the power cut of the coming run will leave it, unless that run makes a
+        durable commit (which moves this snapshot forward: killer.keep_durable_points)."""
+        shutil.rmtree(self.snapshot_dir, ignore_errors=True)
+        if self.state_dir.exists():
+            shutil.copytree(self.state_dir, self.snapshot_dir)
+
+    def revert_state(self) -> None:
+        """A power cut: the state's commits since its last durable one are gone."""
         shutil.rmtree(self.state_dir, ignore_errors=True)
-        if snap is not None:
-            shutil.copytree(snap, self.state_dir)
+        if self.snapshot_dir.exists():
+            shutil.copytree(self.snapshot_dir, self.state_dir)
 
     # ---- reading the bytes ----------------------------------------------------------------
 
@@ -390,11 +393,16 @@ class World:
         run.hook_fired = fired["done"]
         return run
 
-    def agent_killed(self, argv: list[str], target: str, nth: int, when: str, **overrides: str) -> AgentRun:
+    def agent_killed(
+        self, argv: list[str], target: str, nth: int, when: str, power_cut: bool = False, **overrides: str
+    ) -> AgentRun:
         """The agent as a child process that dies (os._exit(137), like SIGKILL: no cleanup, no
-        flush) at the nth call of `target`, before or after the call happens."""
+        flush) at the nth call of `target`, before or after the call happens. power_cut: its
+        durable commits are kept for revert_state (killer.keep_durable_points)."""
         self.write_config(**overrides)
         spec = {"target": target, "nth": nth, "when": when}
+        if power_cut:
+            spec["durable_snapshot"] = str(self.snapshot_dir)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
         env.pop("JOURNAL_STREAM", None)
         env.pop("GIGHIVE_MEDIA_CONFIG", None)
