@@ -13,17 +13,15 @@ import hashlib
 import json
 import os
 import shutil
-import time
 
 import pytest
 
 from agent.actions import retry, upload
 from agent.pointer import TABLE
-from agent.safety import STATE_CLOCK_MARGIN
-from agent.state import BORN_KEY, StateStore
+from agent.state import StateStore
 from tests.integration.agent_harness import Harness, blob_bytes
 from tests.integration.test_migrate import blob_snapshot, build_library, db_harness, local_path, pointer_rows
-from tests.integration.test_verify_reconcile import add_assets, container, db_exec
+from tests.integration.test_verify_reconcile import add_assets, container, db_exec, state_began_long_ago
 from tests.support.media import make_content_addressed, make_thumbnail
 
 __all__ = ["db_harness"]
@@ -43,12 +41,6 @@ def evicted_names(files: dict[str, bytes], media_roots) -> list[str]:
 def evicted_media(files: dict[str, bytes], media_roots) -> list[str]:
     """Evicted top-level media files (named by their own sha256, each an `assets` row)."""
     return [n for n in evicted_names(files, media_roots) if n.count("/") == 1]
-
-
-def state_began_long_ago(h: Harness, seconds: float = 2 * STATE_CLOCK_MARGIN) -> None:
-    """The agent's state has been running for a while: blobs written from now on are younger than
-    it, so it can vouch for what it never tracked (agent.safety.unvouched_orphan)."""
-    StateStore.open(h.state_dir).set_meta(BORN_KEY, str(time.time() - seconds))
 
 
 def assert_every_file_readable(h: Harness, files: dict[str, bytes], media_roots) -> None:

@@ -57,6 +57,12 @@ def db_exec(db, sql: str, args=()) -> None:
         conn.close()
 
 
+def state_began_long_ago(h: Harness, seconds: float = 2 * STATE_CLOCK_MARGIN) -> None:
+    """The agent's state has been running for a while: blobs written from now on are younger than
+    it, so it can vouch for what it never tracked (agent.safety.unvouched_orphan)."""
+    StateStore.open(h.state_dir).set_meta(BORN_KEY, str(time.time() - seconds))
+
+
 # ---- verify ----------------------------------------------------------------------------------
 
 
@@ -145,7 +151,7 @@ def test_reconcile_fixes_broken_pointers_lists_an_orphan_and_prunes_it_only_when
     edited, deleted = names[0], names[1]
     db_exec(media_db, f"UPDATE {TABLE} SET provider='local', etag='\"bogus\"' WHERE media_path=%s", (edited,))
     db_exec(media_db, f"DELETE FROM {TABLE} WHERE media_path=%s", (deleted,))
-    StateStore.open(h.state_dir).set_meta(BORN_KEY, str(time.time() - 2 * STATE_CLOCK_MARGIN))  # running a while
+    state_began_long_ago(h)
     orphan = f"video/{hashlib.sha256(b'deleted asset').hexdigest()}.mp4"
     container(h).upload_blob(orphan, b"left behind by a deleted asset")
 
