@@ -159,16 +159,24 @@ def blob_etags(pointers: Mapping[str, Location] | None) -> dict[str, str | None]
     return {name: loc.etag for name, loc in pointers.items() if loc.provider == "azure_blob"}
 
 
+def gone_pointer_rows(done: Mapping[str, str | None], have: Mapping[str, str | None]) -> list[str]:
+    """Of the pointer rows the agent wrote (`done`: blob name -> ETag, from the state), those the
+    database no longer holds as written (missing, or naming another version)."""
+    return [name for name, etag in done.items() if name not in have or have[name] != etag]
+
+
+def gone_reason(gone: int) -> str:
+    return f"{gone} of the agent's pointer rows were gone from the database (cleared or restored)"
+
+
 def pointers_gone(state: StateStore | None, have: Mapping[str, str | None] | None) -> str | None:
-    """Pointer rows the agent wrote that the database no longer holds as written (missing, or
-    naming another version): it was cleared or restored since, and `assets` with it. `have`:
-    blob name -> ETag of the rows there now (None: the database could not be read)."""
+    """Pointer rows the agent wrote that the database no longer holds as written: it was cleared or
+    restored since, and `assets` with it. `have`: blob name -> ETag of the rows there now (None:
+    the database could not be read)."""
     if state is None or have is None:
         return None
-    gone = sum(1 for name, etag in state.pointer_done_names().items() if name not in have or have[name] != etag)
-    if not gone:
-        return None
-    return f"{gone} of the agent's pointer rows were gone from the database (cleared or restored)"
+    gone = gone_pointer_rows(state.pointer_done_names(), have)
+    return gone_reason(len(gone)) if gone else None
 
 
 def track(

@@ -570,14 +570,13 @@ class Worker:
                 have = self.pointer_db.blob_pointer_etags()
         except PointerUnavailable:
             return 0  # the flips that follow report MySQL's state
-        why = deletes.pointers_gone(self.state, have)
-        if why is None:
+        lost = deletes.gone_pointer_rows(done, have)
+        if not lost:
             return 0
         # What took them (clear media, a restore) took GigHive's own rows too: what vanished from
         # `assets` since the last look is lost, not deleted (agent.deletes). Recorded first: the
         # rewrite below erases the sign.
-        deletes.disturbed(self.state, why)
-        lost = [name for name, etag in done.items() if have.get(name) != etag]
+        deletes.disturbed(self.state, deletes.gone_reason(len(lost)))
         for name in lost:
             self.state.set_pointer(name, POINTER_PENDING, "the DB row was lost (table truncated or restored)")
         log.warning("%d DB pointer row(s) were missing or stale; writing them again", len(lost))
