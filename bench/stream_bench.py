@@ -166,7 +166,32 @@ BLOB_SETUPS = (
 )
 
 
-def start_apache(work: Path, label: str, sock: Path | None, roots: Path, tls: bool = True):
+# The configuration before issue 15 (commit b7459cf), for --before: setups run beside today's in
+# the same rounds, so that what the change bought is measured under the same load.
+BEFORE_SERVER_ENV = {"STREAM_FAST_STREAMS": "0"}  # every Blob stream read 64 KiB at a time
+BEFORE_NGINX = (
+    ("proxy_buffering on;", "proxy_buffering off;"),
+    ("proxy_busy_buffers_size 128k;", "proxy_busy_buffers_size 64k;"),
+)
+BEFORE_APACHE = (("retry=0 timeout=120 iobuffersize=65536", "flushpackets=on retry=0 timeout=120"),)
+
+
+BEFORE_TWINS = {
+    "server+nginx": "server+nginx (before)",
+    "server+apache": "server+apache (before)",
+    "server (no nginx)": "server (before)",
+}
+
+
+def before(text: str, changes: tuple[tuple[str, str], ...]) -> str:
+    for new, old in changes:
+        if new not in text:
+            raise RuntimeError(f"--before: {new!r} is no longer in the front snippet; update BEFORE_*")
+        text = text.replace(new, old)
+    return text
+
+
+def start_apache(work: Path, label: str, sock: Path | None, roots: Path, tls: bool = True, old_config: bool = False):
     """GigHive's Apache (tests/support/apache.py): with the shipped snippet proxying to `sock`,
     or (sock None) serving the files under `roots` itself."""
     from tests.support.apache import ApacheFront, grant_read
@@ -182,7 +207,13 @@ def start_apache(work: Path, label: str, sock: Path | None, roots: Path, tls: bo
     return ApacheFront(
         work / label,
         {"audio": roots / "audio", "video": roots / "video"},
-        site_extra=snippet("apache-proxy.conf", sock) if sock is not None else "",
+        site_extra=(
+            ""
+            if sock is None
+            else before(snippet("apache-proxy.conf", sock), BEFORE_APACHE)
+            if old_config
+            else snippet("apache-proxy.conf", sock)
+        ),
         tls=tls,
     )
 
@@ -343,14 +374,39 @@ def threads_of(pid: int) -> int:
         return 0
 
 
+def tree_rss_kib(pid: int) -> int:
+    """RSS of a process and its descendants (a front's master and workers)."""
+    pids, todo = [], [pid]
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo.extend(parents.get(p, []))
+    return sum(rss_kib(p) for p in pids)
+
+
 def concurrent_streams(
-    target: Target, pid: int, n: int, stream_size: int, size: int, expected: Path, rate: float
+    target: Target,
+    pid: int,
+    n: int,
+    stream_size: int,
+    size: int,
+    expected: Path,
+    rate: float,
+    front_pid: int | None = None,
 ) -> dict:
     rng = random.Random(7)
     offsets = [rng.randrange(0, size - stream_size) for _ in range(n)]
     start = threading.Barrier(n)
     errors: list[str] = []
-    peak = {"rss": rss_kib(pid), "threads": threads_of(pid), "active": 0}
+    peak = {"rss": rss_kib(pid), "threads": threads_of(pid), "active": 0, "front_rss": 0}
     active = [0]
     lock = threading.Lock()
     done = threading.Event()
@@ -359,6 +415,8 @@ def concurrent_streams(
         while not done.is_set():
             peak["rss"] = max(peak["rss"], rss_kib(pid))
             peak["threads"] = max(peak["threads"], threads_of(pid))
+            if front_pid:
+                peak["front_rss"] = max(peak["front_rss"], tree_rss_kib(front_pid))
             with lock:
                 peak["active"] = max(peak["active"], active[0])
             time.sleep(0.05)
@@ -415,6 +473,7 @@ def concurrent_streams(
         "rss_before_mib": base_rss / 1024,
         "rss_peak_mib": peak["rss"] / 1024,
         "threads_peak": peak["threads"],
+        "front_rss_peak_mib": peak["front_rss"] / 1024,
         "concurrent_peak": peak["active"],
     }
 
@@ -504,6 +563,20 @@ def markdown(results: dict) -> str:
             "|---|---:|---:|",
         ]
         lines += [f"| {name} | {r['cpu_s_per_gb']:.2f} | {_ratio(r['cpu_vs_azurite'])} |" for name, r in cpu_rows]
+    twins = [(name, s[name]["paired_vs_before"]) for name in BEFORE_TWINS if "paired_vs_before" in s.get(name, {})]
+    if twins:
+        lines += [
+            "",
+            "Today's configuration against the one before issue 15 (the `(before)` setups: unbuffered nginx, "
+            "Apache with flushpackets=on, 64 KiB reads only), paired per round (below 1 is less CPU):",
+            "",
+            "| setup | sequential x before | CPU per GB x before | range p99 x before |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {_ratio(pb['sequential'])} | {_ratio(pb['cpu'])} | {_ratio(pb['range_p99'])} |"
+            for name, pb in twins
+        ]
     if "server+apache" in s:
         lines += [
             "",
@@ -539,14 +612,14 @@ def markdown(results: dict) -> str:
     ]
     lines += [
         "| source | streams | MiB each | errors | peak concurrent | aggregate MB/s "
-        "| server RSS before / peak MiB | peak threads |"
+        "| server RSS before / peak MiB | peak threads | front RSS peak MiB |"
     ]
-    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in results["concurrency"].items():
         lines.append(
             f"| {name} | {c['streams']} | {c['stream_mib']:.0f} | {c['errors']} | {c['concurrent_peak']} | "
             f"{c['aggregate_mb_per_s']:.1f} | {c['rss_before_mib']:.1f} / {c['rss_peak_mib']:.1f} "
-            f"| {c['threads_peak']} |"
+            f"| {c['threads_peak']} | {c.get('front_rss_peak_mib', 0):.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -728,6 +801,25 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "stream_results")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument(
+        "--concurrency-sources",
+        type=lambda s: s.split(","),
+        default=["blob", "blob via apache", "local"],
+        help="which concurrent runs, comma separated (default: blob,blob via apache,local)",
+    )
+    ap.add_argument(
+        "--before",
+        action="store_true",
+        help="also run the server and fronts as configured before issue 15 (unbuffered nginx, Apache "
+        "flushpackets, 64 KiB reads only), beside today's, in the same rounds",
+    )
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a STREAM_* setting for the Blob server (repeatable), e.g. STREAM_MAX_CONNECTIONS=1000",
+    )
+    ap.add_argument(
         "--blob-only",
         action="store_true",
         help="only Blob: direct Azurite, the server alone, through nginx and through Apache (no rclone, no local "
@@ -773,7 +865,8 @@ def main() -> int:
             (r / "video").mkdir(parents=True)
         os.link(raw, local_roots / f"{name}")
 
-        p, blob_sock, blob_tcp = start_server(work, "server-blob", azurite, "media", empty_roots, {})
+        server_env = dict(kv.split("=", 1) for kv in args.server_env)
+        p, blob_sock, blob_tcp = start_server(work, "server-blob", azurite, "media", empty_roots, server_env)
         procs.append(p)
         blob_pid = p.pid
         p, local_sock, _ = start_server(work, "server-local", azurite, "media", local_roots, {})
@@ -811,6 +904,20 @@ def main() -> int:
         apache_http = start_apache(work, "apache-blob-http", blob_sock, empty_roots, tls=False)
         apache_alone = start_apache(work, "apache-alone", None, local_roots)
         apache_fronts.extend([apache, apache_http, apache_alone])
+        if args.before:
+            p, old_sock, old_tcp = start_server(work, "server-before", azurite, "media", empty_roots, BEFORE_SERVER_ENV)
+            procs.append(p)
+            old_pid = p.pid
+            p, old_nginx = start_nginx(
+                work,
+                "nginx-before",
+                before(snippet("nginx-locations.conf"), BEFORE_NGINX),
+                snippet("nginx-upstream.conf", old_sock),
+            )
+            procs.append(p)
+            old_nginx_pid = p.pid
+            old_apache = start_apache(work, "apache-before", old_sock, empty_roots, old_config=True)
+            apache_fronts.append(old_apache)
 
         sas = generate_container_sas(
             ACCOUNT_NAME, "media", account_key=ACCOUNT_KEY, permission=ContainerSasPermissions(read=True, list=True),
@@ -882,6 +989,24 @@ def main() -> int:
         if args.blob_only:
             # Blob through each front beside direct Azurite; no rclone, no local setups.
             targets = [t for t in targets if t.name in BLOB_SETUPS]
+        if args.before:
+            targets += [
+                Target(
+                    "server+nginx (before)",
+                    f"http://127.0.0.1:{old_nginx}",
+                    f"/{name}",
+                    pids=serving(old_pid, old_nginx_pid),
+                ),
+                Target(
+                    "server+apache (before)",
+                    f"https://127.0.0.1:{old_apache.port}",
+                    f"/{name}",
+                    headers=auth,
+                    ca=old_apache.tls.ca,
+                    pids=serving(old_pid, old_apache.proc.pid),
+                ),
+                Target("server (before)", f"http://127.0.0.1:{old_tcp}", f"/{name}", pids=serving(old_pid)),
+            ]
         rng = random.Random(42)
         offsets = [rng.randrange(0, args.size - RANGE_SIZE) for _ in range(args.ranges)]
         setups: dict[str, dict] = {t.name: {} for t in targets}
@@ -941,15 +1066,26 @@ def main() -> int:
             cpu = [c for c in cpu_by_round[t.name] if c]
             setups[t.name]["cpu_s_per_gb"] = statistics.median(cpu) if cpu else None
             setups[t.name]["cpu_vs_azurite"] = paired(cpu_by_round[t.name], cpu_by_round["azurite"])
+        for now, old in BEFORE_TWINS.items():
+            if now in setups and old in setups:
+                setups[now]["paired_vs_before"] = {
+                    "sequential": paired(seq_by_round[now], seq_by_round[old]),
+                    "cpu": paired(cpu_by_round[now], cpu_by_round[old]),
+                    "range_p99": paired(p99_by_round[now], p99_by_round[old]),
+                }
         concurrency = {}
         by_name = {t.name: t for t in targets}
-        runs = [("blob", blob_pid, by_name["server+nginx"]), ("blob via apache", blob_pid, by_name["server+apache"])]
+        runs = [
+            ("blob", blob_pid, by_name["server+nginx"], front_pids["server+nginx"]),
+            ("blob via apache", blob_pid, by_name["server+apache"], apache.proc.pid),
+        ]
         if not args.blob_only:
-            runs.append(("local", local_pid, by_name["server+nginx/local"]))
-        for label, pid, t in runs if args.concurrency else []:
+            runs.append(("local", local_pid, by_name["server+nginx/local"], front_pids["server+nginx/local"]))
+        runs = [r for r in runs if r[0] in args.concurrency_sources]
+        for label, pid, t, front_pid in runs if args.concurrency else []:
             print(f"{args.concurrency} concurrent streams from {label} ...", flush=True)
             concurrency[label] = concurrent_streams(
-                t, pid, args.concurrency, args.stream_size, args.size, raw, args.stream_rate
+                t, pid, args.concurrency, args.stream_size, args.size, raw, args.stream_rate, front_pid
             )
 
         results = {
