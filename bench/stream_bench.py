@@ -532,7 +532,12 @@ def markdown(results: dict) -> str:
         "ranges = percentiles over all "
         f"{results['rounds']} x {results['range_requests']} random {RANGE_SIZE // 1024} KiB ranges per setup, each "
         "round on one keep-alive connection. "
-        "All setups run side by side in one run, against the same Azurite and file.",
+        "All setups run side by side in one run, against the same Azurite and file."
+        + (
+            " Blob server settings: " + ", ".join(f"{k}={v}" for k, v in results["server_env"].items()) + "."
+            if results.get("server_env")
+            else ""
+        ),
         "",
         "Ratios are paired: each round's figure divided by the baseline's figure in the same round, then "
         "the median over rounds (min-max in brackets), because other work on the machine makes absolute "
@@ -1096,6 +1101,7 @@ def main() -> int:
             "rounds": args.rounds,
             "setups": setups,
             "concurrency": concurrency,
+            "server_env": server_env,
         }
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(markdown(results))
