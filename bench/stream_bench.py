@@ -51,6 +51,7 @@ from azure.storage.blob import (  # noqa: E402
 )
 
 from tests.support import _proc  # noqa: E402
+from tests.support.apache import basic_auth  # noqa: E402
 from tests.support.azurite import ACCOUNT_KEY, ACCOUNT_NAME, Azurite  # noqa: E402
 from tests.support.media import _blocks  # noqa: E402
 
@@ -172,6 +173,68 @@ def snippet(name: str, sock: Path | None = None, roots: Path | None = None) -> s
     return text
 
 
+BLOB_SETUPS = (
+    "azurite",
+    "server (no nginx)",
+    "server+nginx",
+    "server+apache",
+    "server+apache (http)",
+    "apache alone",
+)
+
+
+# The configuration before issue 15 (commit b7459cf), for --before: setups run beside today's in
+# the same rounds, so that what the change bought is measured under the same load.
+BEFORE_SERVER_ENV = {"STREAM_FAST_STREAMS": "0"}  # every Blob stream read 64 KiB at a time
+BEFORE_NGINX = (
+    ("proxy_buffering on;", "proxy_buffering off;"),
+    ("proxy_busy_buffers_size 128k;", "proxy_busy_buffers_size 64k;"),
+)
+BEFORE_APACHE = (("retry=0 timeout=120 iobuffersize=65536", "flushpackets=on retry=0 timeout=120"),)
+
+
+BEFORE_TWINS = {
+    "server+nginx": "server+nginx (before)",
+    "server+apache": "server+apache (before)",
+    "server (no nginx)": "server (before)",
+}
+
+
+def before(text: str, changes: tuple[tuple[str, str], ...]) -> str:
+    for new, old in changes:
+        if new not in text:
+            raise RuntimeError(f"--before: {new!r} is no longer in the front snippet; update BEFORE_*")
+        text = text.replace(new, old)
+    return text
+
+
+def start_apache(work: Path, label: str, sock: Path | None, roots: Path, tls: bool = True, old_config: bool = False):
+    """GigHive's Apache (tests/support/apache.py): with the shipped snippet proxying to `sock`,
+    or (sock None) serving the files under `roots` itself."""
+    from tests.support.apache import ApacheFront, grant_read
+
+    if os.geteuid() == 0:
+        grant_read(roots)
+        if sock is not None:  # what the socket unit does: root:www-data 0660
+            import grp
+
+            os.chown(sock, 0, grp.getgrnam("www-data").gr_gid)
+            sock.chmod(0o660)
+            grant_read(sock)
+    return ApacheFront(
+        work / label,
+        {"audio": roots / "audio", "video": roots / "video"},
+        site_extra=(
+            ""
+            if sock is None
+            else before(snippet("apache-proxy.conf", sock), BEFORE_APACHE)
+            if old_config
+            else snippet("apache-proxy.conf", sock)
+        ),
+        tls=tls,
+    )
+
+
 # ---- measurements ------------------------------------------------------------------------------
 
 
@@ -184,8 +247,12 @@ class Target:
         query: str = "",
         headers: dict[str, str] | None = None,
         ca: Path | None = None,
+        pids=None,
     ):
         u = urlsplit(base_url)
+        # The processes that serve this target (for CPU accounting): a callable, because
+        # Azurite's pid changes when it restarts.
+        self.pids = pids or list
         self.name, self.host, self.port = name, u.hostname or "127.0.0.1", u.port or 80
         self.path = (u.path.rstrip("/") + path) + (f"?{query}" if query else "")
         self.headers = headers or {}
@@ -197,7 +264,33 @@ class Target:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
 
+def cpu_ticks(pids: list[int]) -> int:
+    """CPU time (user + system, in clock ticks) of these processes and all their descendants."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    total, todo, seen = 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += ticks.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def sequential(target: Target, size: int) -> dict[str, float]:
+    pids = target.pids()
+    ticks = cpu_ticks(pids)
     conn = target.connection()
     buf = bytearray(MiB)
     t0 = time.perf_counter()
@@ -214,7 +307,10 @@ def sequential(target: Target, size: int) -> dict[str, float]:
     conn.close()
     if r.status != 200 or n != size:
         raise RuntimeError(f"{target.name}: sequential GET gave {r.status}, {n} bytes")
-    return {"seconds": elapsed, "mb_per_s": size / elapsed / 1e6, "ttfb_ms": ttfb * 1000}
+    # CPU the serving side spent per GB (Azurite, server, front; not this client): on a shared
+    # 2-core machine the throughput drifts with other work, the CPU a byte costs much less.
+    cpu = (cpu_ticks(pids) - ticks) / os.sysconf("SC_CLK_TCK") / (size / 1e9) if pids else 0.0
+    return {"seconds": elapsed, "mb_per_s": size / elapsed / 1e6, "ttfb_ms": ttfb * 1000, "cpu_s_per_gb": cpu}
 
 
 def ranges(target: Target, offsets: list[int], expected: Path) -> dict:
@@ -295,14 +391,39 @@ def threads_of(pid: int) -> int:
         return 0
 
 
+def tree_rss_kib(pid: int) -> int:
+    """RSS of a process and its descendants (a front's master and workers)."""
+    pids, todo = [], [pid]
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo.extend(parents.get(p, []))
+    return sum(rss_kib(p) for p in pids)
+
+
 def concurrent_streams(
-    target: Target, pid: int, n: int, stream_size: int, size: int, expected: Path, rate: float
+    target: Target,
+    pid: int,
+    n: int,
+    stream_size: int,
+    size: int,
+    expected: Path,
+    rate: float,
+    front_pid: int | None = None,
 ) -> dict:
     rng = random.Random(7)
     offsets = [rng.randrange(0, size - stream_size) for _ in range(n)]
     start = threading.Barrier(n)
     errors: list[str] = []
-    peak = {"rss": rss_kib(pid), "threads": threads_of(pid), "active": 0}
+    peak = {"rss": rss_kib(pid), "threads": threads_of(pid), "active": 0, "front_rss": 0}
     active = [0]
     lock = threading.Lock()
     done = threading.Event()
@@ -311,6 +432,8 @@ def concurrent_streams(
         while not done.is_set():
             peak["rss"] = max(peak["rss"], rss_kib(pid))
             peak["threads"] = max(peak["threads"], threads_of(pid))
+            if front_pid:
+                peak["front_rss"] = max(peak["front_rss"], tree_rss_kib(front_pid))
             with lock:
                 peak["active"] = max(peak["active"], active[0])
             time.sleep(0.05)
@@ -320,7 +443,9 @@ def concurrent_streams(
         try:
             conn = target.connection()
             start.wait(60)
-            conn.request("GET", target.path, headers={"Range": f"bytes={off}-{off + stream_size - 1}"})
+            conn.request(
+                "GET", target.path, headers={**target.headers, "Range": f"bytes={off}-{off + stream_size - 1}"}
+            )
             r = conn.getresponse()
             with lock:
                 active[0] += 1
@@ -365,6 +490,7 @@ def concurrent_streams(
         "rss_before_mib": base_rss / 1024,
         "rss_peak_mib": peak["rss"] / 1024,
         "threads_peak": peak["threads"],
+        "front_rss_peak_mib": peak["front_rss"] / 1024,
         "concurrent_peak": peak["active"],
     }
 
@@ -414,7 +540,7 @@ def _ratio(p: dict) -> str:
 
 def markdown(results: dict) -> str:
     s = results["setups"]
-    ng = s["nginx"]
+    ng = s.get("nginx")
     lines = [
         f"# Stream server benchmark ({results['date']})",
         "",
@@ -423,7 +549,12 @@ def markdown(results: dict) -> str:
         "ranges = percentiles over all "
         f"{results['rounds']} x {results['range_requests']} random {RANGE_SIZE // 1024} KiB ranges per setup, each "
         "round on one keep-alive connection. "
-        "All setups run side by side in one run, against the same Azurite and file.",
+        "All setups run side by side in one run, against the same Azurite and file."
+        + (
+            " Blob server settings: " + ", ".join(f"{k}={v}" for k, v in results["server_env"].items()) + "."
+            if results.get("server_env")
+            else ""
+        ),
         "",
         "Ratios are paired: each round's figure divided by the baseline's figure in the same round, then "
         "the median over rounds (min-max in brackets), because other work on the machine makes absolute "
@@ -440,25 +571,77 @@ def markdown(results: dict) -> str:
             f"{rg['ttfb_p50_ms']:.2f} | {rg['ttfb_p99_ms']:.2f} | {_ratio(pa['range_p99'])} | "
             f"{len(seq['errors']) + rg['errors']} |"
         )
-    lines += ["", "Local mode against nginx serving the file alone (paired):", ""]
-    for name in ("server+nginx/local", "server+nginx/x-accel"):
+    cpu_rows = [(name, r) for name, r in s.items() if r.get("cpu_s_per_gb")]
+    if cpu_rows:
+        lines += [
+            "",
+            "CPU the serving side spent per GB of a sequential read (Azurite, the server and the front, as one "
+            "process tree each; not the client), median over rounds, and paired against direct Azurite: the "
+            "throughput on a shared machine drifts with other work, the CPU a byte costs much less. On 2 cores "
+            "a chain whose CPU per GB is well above Azurite's alone cannot keep up with it when the machine "
+            "is busy.",
+            "",
+            "| setup | CPU s/GB | x azurite, paired |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {name} | {r['cpu_s_per_gb']:.2f} | {_ratio(r['cpu_vs_azurite'])} |" for name, r in cpu_rows]
+    twins = [(name, s[name]["paired_vs_before"]) for name in BEFORE_TWINS if "paired_vs_before" in s.get(name, {})]
+    if twins:
+        lines += [
+            "",
+            "Today's configuration against the one before issue 15 (the `(before)` setups: unbuffered nginx, "
+            "Apache with flushpackets=on, 64 KiB reads only), paired per round (below 1 is less CPU):",
+            "",
+            "| setup | sequential x before | CPU per GB x before | range p99 x before |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {_ratio(pb['sequential'])} | {_ratio(pb['cpu'])} | {_ratio(pb['range_p99'])} |"
+            for name, pb in twins
+        ]
+    if "server+apache" in s:
+        lines += [
+            "",
+            "server+apache is GigHive's front as tests/support/apache.py builds it: HTTPS with Basic Auth, so "
+            "its figures include TLS, which the others do not pay; server+apache (http) is the same front "
+            "without TLS. apache alone is that HTTPS front sending the file from local disk itself: the "
+            "ceiling Apache's TLS sets on this machine, whatever the source. Against it (paired):",
+            "",
+        ]
+        for name in ("server+apache", "server+apache (http)"):
+            pa = s[name].get("paired_vs_apache_alone")
+            if pa:
+                lines.append(
+                    f"- {name}: sequential {_ratio(pa['sequential'])} x apache alone; "
+                    f"range p99 {_ratio(pa['range_p99'])} x"
+                )
+    if ng is not None:
+        lines += ["", "Local mode against nginx serving the file alone (paired):", ""]
+    for name in ("server+nginx/local", "server+nginx/x-accel") if ng is not None else ():
         pn = s[name]["paired_vs_nginx"]
         lines.append(
             f"- {name}: sequential {_ratio(pn['sequential'])} x nginx; range p99 {_ratio(pn['range_p99'])} x; "
             f"range p50 {s[name]['ranges']['ttfb_p50_ms']:.2f} ms vs {ng['ranges']['ttfb_p50_ms']:.2f} ms"
         )
+    if not results["concurrency"]:
+        return "\n".join(lines) + "\n"
     rate = next(iter(results["concurrency"].values()))["stream_rate_mb_per_s"]
-    lines += ["", f"Concurrent streams through nginx and the server, each client reading at {rate:g} MB/s:", ""]
+    lines += [
+        "",
+        f"Concurrent streams through the front and the server, each client reading at {rate:g} MB/s "
+        "(the Apache front allows 128 workers, so there the rest wait their turn):",
+        "",
+    ]
     lines += [
         "| source | streams | MiB each | errors | peak concurrent | aggregate MB/s "
-        "| server RSS before / peak MiB | peak threads |"
+        "| server RSS before / peak MiB | peak threads | front RSS peak MiB |"
     ]
-    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in results["concurrency"].items():
         lines.append(
             f"| {name} | {c['streams']} | {c['stream_mib']:.0f} | {c['errors']} | {c['concurrent_peak']} | "
             f"{c['aggregate_mb_per_s']:.1f} | {c['rss_before_mib']:.1f} / {c['rss_peak_mib']:.1f} "
-            f"| {c['threads_peak']} |"
+            f"| {c['threads_peak']} | {c.get('front_rss_peak_mib', 0):.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -481,7 +664,7 @@ def local_first(args: argparse.Namespace) -> int:
     file alone: Apache built like GigHive's container (TLS, Basic Auth, CacheEnable disk /) and
     nginx. "proxied" is the front without the file in its reach, so every byte goes through the
     stream server (what the Apache snippet did before local first)."""
-    from tests.support.apache import ApacheFront, basic_auth, grant_read
+    from tests.support.apache import ApacheFront, grant_read
 
     work = Path(tempfile.mkdtemp(prefix="stream-bench-lf-"))
     procs: list[subprocess.Popen] = []
@@ -669,6 +852,31 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "stream_results")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument(
+        "--concurrency-sources",
+        type=lambda s: s.split(","),
+        default=["blob", "blob via apache", "local"],
+        help="which concurrent runs, comma separated (default: blob,blob via apache,local)",
+    )
+    ap.add_argument(
+        "--before",
+        action="store_true",
+        help="also run the server and fronts as configured before issue 15 (unbuffered nginx, Apache "
+        "flushpackets, 64 KiB reads only), beside today's, in the same rounds",
+    )
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a STREAM_* setting for the Blob server (repeatable), e.g. STREAM_MAX_CONNECTIONS=1000",
+    )
+    ap.add_argument(
+        "--blob-only",
+        action="store_true",
+        help="only Blob: direct Azurite, the server alone, through nginx and through Apache (no rclone, no local "
+        "setups); writes bench/results/stream_blob_fronts.{json,md,svg} unless --out is given",
+    )
+    ap.add_argument(
         "--local-first",
         action="store_true",
         help="only the local-first comparison (Apache and nginx, with and without the agent's snippet); "
@@ -677,10 +885,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.local_first:
         return local_first(args)
+    if args.blob_only and args.out == REPO / "bench" / "stream_results":
+        args.out = REPO / "bench" / "results" / "stream_blob_fronts"
 
     work = Path(tempfile.mkdtemp(prefix="stream-bench-"))
     procs: list[subprocess.Popen] = []
     rclone: dict[str, subprocess.Popen] = {}
+    apache_fronts: list = []
     azurite = Azurite(work / "azurite")
     try:
         azurite.start()
@@ -706,7 +917,8 @@ def main() -> int:
         os.link(raw, local_roots / f"{name}")
         vouch(work / "state", "video", local_roots / name, sha)
 
-        p, blob_sock, blob_tcp = start_server(work, "server-blob", azurite, "media", empty_roots, {})
+        server_env = dict(kv.split("=", 1) for kv in args.server_env)
+        p, blob_sock, blob_tcp = start_server(work, "server-blob", azurite, "media", empty_roots, server_env)
         procs.append(p)
         blob_pid = p.pid
         p, local_sock, _ = start_server(work, "server-local", azurite, "media", local_roots, {})
@@ -717,7 +929,7 @@ def main() -> int:
         )
         procs.append(p)
 
-        fronts = {}
+        fronts, front_pids = {}, {}
         for label, sock, internal in (
             ("server+nginx", blob_sock, False),
             ("server+nginx/local", local_sock, False),
@@ -731,8 +943,33 @@ def main() -> int:
             )
             procs.append(p)
             fronts[label] = port
-        p, static_port = start_nginx(work, "nginx-static", f"location /video/ {{ root {local_roots}; }}")
-        procs.append(p)
+            front_pids[label] = p.pid
+        static_port = 0
+        if not args.blob_only:
+            p, static_port = start_nginx(work, "nginx-static", f"location /video/ {{ root {local_roots}; }}")
+            procs.append(p)
+        # Apache built like GigHive's container (HTTPS, Basic Auth, CacheEnable disk /), with the
+        # shipped snippet and no media on disk: every byte comes from Blob through the server.
+        apache = start_apache(work, "apache-blob", blob_sock, empty_roots)
+        # The same without TLS, and Apache sending the file from disk itself (HTTPS): what the
+        # proxy hop costs, and the ceiling Apache's TLS sets on this machine whatever the source.
+        apache_http = start_apache(work, "apache-blob-http", blob_sock, empty_roots, tls=False)
+        apache_alone = start_apache(work, "apache-alone", None, local_roots)
+        apache_fronts.extend([apache, apache_http, apache_alone])
+        if args.before:
+            p, old_sock, old_tcp = start_server(work, "server-before", azurite, "media", empty_roots, BEFORE_SERVER_ENV)
+            procs.append(p)
+            old_pid = p.pid
+            p, old_nginx = start_nginx(
+                work,
+                "nginx-before",
+                before(snippet("nginx-locations.conf"), BEFORE_NGINX),
+                snippet("nginx-upstream.conf", old_sock),
+            )
+            procs.append(p)
+            old_nginx_pid = p.pid
+            old_apache = start_apache(work, "apache-before", old_sock, empty_roots, old_config=True)
+            apache_fronts.append(old_apache)
 
         sas = generate_container_sas(
             ACCOUNT_NAME, "media", account_key=ACCOUNT_KEY, permission=ContainerSasPermissions(read=True, list=True),
@@ -756,18 +993,72 @@ def main() -> int:
                 target.port = port
             return port
 
-        rclone_port = restart_rclone()
+        rclone_port = restart_rclone() if not args.blob_only else 0
 
+        apache_target = Target(
+            "server+apache",
+            f"https://127.0.0.1:{apache.port}",
+            f"/{name}",
+            headers={"Authorization": basic_auth()},
+            ca=apache.tls.ca,
+        )
+        auth = {"Authorization": basic_auth()}
+
+        def serving(*pids: int):
+            return lambda: [azurite.pid or 0, *pids]
+
+        apache_target.pids = serving(blob_pid, apache.proc.pid)
         targets = [
-            Target("azurite", azurite.blob_endpoint, f"/media/{name}", sas),
+            Target("azurite", azurite.blob_endpoint, f"/media/{name}", sas, pids=serving()),
             Target("rclone", f"http://127.0.0.1:{rclone_port}", f"/media/{name}"),
-            Target("server+nginx", f"http://127.0.0.1:{fronts['server+nginx']}", f"/{name}"),
-            # Not a setup of the issue: the server without nginx, to show what each hop costs.
-            Target("server (no nginx)", f"http://127.0.0.1:{blob_tcp}", f"/{name}"),
+            Target(
+                "server+nginx",
+                f"http://127.0.0.1:{fronts['server+nginx']}",
+                f"/{name}",
+                pids=serving(blob_pid, front_pids["server+nginx"]),
+            ),
+            apache_target,
+            Target(
+                "server+apache (http)",
+                f"http://127.0.0.1:{apache_http.port}",
+                f"/{name}",
+                headers=auth,
+                pids=serving(blob_pid, apache_http.proc.pid),
+            ),
+            Target(
+                "apache alone",
+                f"https://127.0.0.1:{apache_alone.port}",
+                f"/{name}",
+                headers=auth,
+                ca=apache_alone.tls.ca,
+            ),
+            # Not a setup of the issue: the server without a front, to show what each hop costs.
+            Target("server (no nginx)", f"http://127.0.0.1:{blob_tcp}", f"/{name}", pids=serving(blob_pid)),
             Target("server+nginx/local", f"http://127.0.0.1:{fronts['server+nginx/local']}", f"/{name}"),
             Target("server+nginx/x-accel", f"http://127.0.0.1:{fronts['server+nginx/x-accel']}", f"/{name}"),
             Target("nginx", f"http://127.0.0.1:{static_port}", f"/{name}"),
         ]
+        if args.blob_only:
+            # Blob through each front beside direct Azurite; no rclone, no local setups.
+            targets = [t for t in targets if t.name in BLOB_SETUPS]
+        if args.before:
+            targets += [
+                Target(
+                    "server+nginx (before)",
+                    f"http://127.0.0.1:{old_nginx}",
+                    f"/{name}",
+                    pids=serving(old_pid, old_nginx_pid),
+                ),
+                Target(
+                    "server+apache (before)",
+                    f"https://127.0.0.1:{old_apache.port}",
+                    f"/{name}",
+                    headers=auth,
+                    ca=old_apache.tls.ca,
+                    pids=serving(old_pid, old_apache.proc.pid),
+                ),
+                Target("server (before)", f"http://127.0.0.1:{old_tcp}", f"/{name}", pids=serving(old_pid)),
+            ]
         rng = random.Random(42)
         offsets = [rng.randrange(0, args.size - RANGE_SIZE) for _ in range(args.ranges)]
         setups: dict[str, dict] = {t.name: {} for t in targets}
@@ -779,12 +1070,14 @@ def main() -> int:
         range_runs: dict[str, list[dict]] = {t.name: [] for t in targets}
         seq_errors: dict[str, list[str]] = {t.name: [] for t in targets}
         seq_by_round: dict[str, list[float | None]] = {t.name: [] for t in targets}
+        cpu_by_round: dict[str, list[float | None]] = {t.name: [] for t in targets}
         for round_no in range(args.rounds):
             # A fresh Azurite and rclone every round: rclone leaves connections open that pile up
             # in Azurite (which then fails with 500 after a few rounds), and every setup should
             # meet the same Azurite state.
             azurite.restart()
-            restart_rclone(targets[1])
+            if not args.blob_only:
+                restart_rclone(targets[1])
             for t in targets:
                 ranges(t, offsets[:5], raw)  # refill connection pools after the restart
             for t in targets:
@@ -793,10 +1086,12 @@ def main() -> int:
                     run = sequential(t, args.size)
                     seq_runs[t.name].append(run)
                     seq_by_round[t.name].append(run["mb_per_s"])
+                    cpu_by_round[t.name].append(run["cpu_s_per_gb"] or None)
                 except Exception as e:  # noqa: BLE001 - reported, the other setups go on
                     print(f"  failed: {type(e).__name__}: {e}", flush=True)
                     seq_errors[t.name].append(f"{type(e).__name__}: {e}")
                     seq_by_round[t.name].append(None)
+                    cpu_by_round[t.name].append(None)
             for t in targets:
                 print(f"round {round_no + 1}: ranges {t.name} ...", flush=True)
                 range_runs[t.name].append(ranges(t, offsets, raw))
@@ -813,20 +1108,36 @@ def main() -> int:
         # that load from other processes on the machine (which drifts) cancels out.
         p99_by_round = {name: [p99(r["ttfbs"]) for r in runs] for name, runs in range_runs.items()}
         for t in targets:
-            for base in ("azurite", "nginx"):
-                setups[t.name][f"paired_vs_{base}"] = {
+            for base in ("azurite", "nginx", "apache alone"):
+                if base not in p99_by_round:
+                    continue
+                setups[t.name][f"paired_vs_{base.replace(' ', '_')}"] = {
                     "sequential": paired(seq_by_round[t.name], seq_by_round[base]),
                     "range_p99": paired(p99_by_round[t.name], p99_by_round[base]),
                 }
+            cpu = [c for c in cpu_by_round[t.name] if c]
+            setups[t.name]["cpu_s_per_gb"] = statistics.median(cpu) if cpu else None
+            setups[t.name]["cpu_vs_azurite"] = paired(cpu_by_round[t.name], cpu_by_round["azurite"])
+        for now, old in BEFORE_TWINS.items():
+            if now in setups and old in setups:
+                setups[now]["paired_vs_before"] = {
+                    "sequential": paired(seq_by_round[now], seq_by_round[old]),
+                    "cpu": paired(cpu_by_round[now], cpu_by_round[old]),
+                    "range_p99": paired(p99_by_round[now], p99_by_round[old]),
+                }
         concurrency = {}
         by_name = {t.name: t for t in targets}
-        for label, pid, t in (
-            ("blob", blob_pid, by_name["server+nginx"]),
-            ("local", local_pid, by_name["server+nginx/local"]),
-        ):
+        runs = [
+            ("blob", blob_pid, by_name["server+nginx"], front_pids["server+nginx"]),
+            ("blob via apache", blob_pid, by_name["server+apache"], apache.proc.pid),
+        ]
+        if not args.blob_only:
+            runs.append(("local", local_pid, by_name["server+nginx/local"], front_pids["server+nginx/local"]))
+        runs = [r for r in runs if r[0] in args.concurrency_sources]
+        for label, pid, t, front_pid in runs if args.concurrency else []:
             print(f"{args.concurrency} concurrent streams from {label} ...", flush=True)
             concurrency[label] = concurrent_streams(
-                t, pid, args.concurrency, args.stream_size, args.size, raw, args.stream_rate
+                t, pid, args.concurrency, args.stream_size, args.size, raw, args.stream_rate, front_pid
             )
 
         results = {
@@ -837,6 +1148,7 @@ def main() -> int:
             "rounds": args.rounds,
             "setups": setups,
             "concurrency": concurrency,
+            "server_env": server_env,
         }
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(markdown(results))
@@ -844,6 +1156,8 @@ def main() -> int:
         print(markdown(results))
         return 0
     finally:
+        for front in apache_fronts:
+            front.stop()
         if "proc" in rclone:
             procs.append(rclone["proc"])
         for p in reversed(procs):

@@ -91,23 +91,83 @@ class BufferPool:
 
     Memory for streaming is then exactly (streams at the busiest moment) x STREAM_CHUNK_SIZE and
     stays put, instead of a fresh allocation per chunk that the allocator may never give back.
+    With a limit, at most that many buffers are out at once and get() returns None beyond it.
     """
 
-    def __init__(self, size: int, keep: int):
-        self.size, self.keep = size, keep
+    def __init__(self, size: int, keep: int, limit: int | None = None):
+        self.size, self.keep, self.limit = size, keep, limit
         self._free: list[bytearray] = []
+        self._out = 0
         self._lock = threading.Lock()
 
-    def get(self) -> bytearray:
+    def get(self) -> bytearray | None:
         with self._lock:
+            if self.limit is not None and self._out >= self.limit:
+                return None
+            self._out += 1
             if self._free:
                 return self._free.pop()
         return bytearray(self.size)
 
     def put(self, buf: bytearray) -> None:
         with self._lock:
+            self._out -= 1
             if len(self._free) < self.keep:
                 self._free.append(buf)
+
+
+# A Blob stream reading faster than this gets the large buffer: no media plays at this rate, so
+# it is a download or a player filling its buffer, where the cost per chunk is what limits it.
+FAST_STREAM_BYTES_PER_SECOND = 16_000_000
+# ... judged once it has sent this much, so that the first burst of a seek does not count.
+FAST_STREAM_AFTER_BYTES = 1024 * 1024
+
+
+class StreamBuffer:
+    """The read buffer of one Blob stream: STREAM_CHUNK_SIZE, then STREAM_FAST_CHUNK_SIZE once the
+    stream proves fast.
+
+    Each chunk costs a read from Azure and a write to the client in Python; at 64 KiB that
+    per-chunk cost is a third of the server's CPU on a long read, at 256 KiB it is small. But most
+    streams are players reading at the media's bit rate, and a large buffer each would put
+    hundreds of them over the memory budget. So every stream starts small, and only a fast one
+    (FAST_STREAM_BYTES_PER_SECOND) moves to a large buffer, of which at most STREAM_FAST_STREAMS
+    exist: memory stays (streams x STREAM_CHUNK_SIZE) + (STREAM_FAST_STREAMS x the large size).
+    """
+
+    def __init__(self, small: BufferPool, large: BufferPool | None):
+        self._small, self._large = small, large
+        self._pool = small
+        self._buf = small.get() or bytearray(small.size)  # the small pool has no limit
+        self.view = memoryview(self._buf)
+        self._started = time.monotonic()
+        self._sent = 0
+        self._judge = large is not None
+
+    def sent(self, n: int) -> None:
+        """Count n bytes written; may swap in the large buffer (self.view then changes)."""
+        self._sent += n
+        if not self._judge or self._sent < FAST_STREAM_AFTER_BYTES:
+            return
+        elapsed = time.monotonic() - self._started
+        if self._sent < FAST_STREAM_BYTES_PER_SECOND * elapsed:
+            if elapsed > 1.0:
+                self._judge = False  # a stream at a player's pace: do not look again
+            return
+        self._judge = False  # one try: when all large buffers are taken, stay small
+        large = self._large.get() if self._large is not None else None
+        if large is None:
+            return
+        self._release()
+        self._pool, self._buf = self._large, large  # type: ignore[assignment]
+        self.view = memoryview(large)
+
+    def _release(self) -> None:
+        self.view.release()
+        self._pool.put(self._buf)
+
+    def close(self) -> None:
+        self._release()
 
 
 class Output:
@@ -191,6 +251,11 @@ class Handler:
         self.sources = sources
         self.stats = stats
         self.buffers = BufferPool(settings.chunk_size, keep=settings.max_connections)
+        self.fast_buffers = (
+            BufferPool(settings.fast_chunk_size, keep=settings.fast_streams, limit=settings.fast_streams)
+            if settings.fast_streams and settings.fast_chunk_size > settings.chunk_size
+            else None
+        )
 
     # ---- entry -------------------------------------------------------------------------------
     def handle(self, req: Request, out: Output) -> bool:
@@ -417,8 +482,7 @@ class Handler:
             if multipart:
                 out.send(multipart.trailer)
             return
-        buf = self.buffers.get()
-        view = memoryview(buf)
+        buf = StreamBuffer(self.buffers, self.fast_buffers)
         reader: RangeReader | None = None
         try:
             # The first read happens before the head goes out, so a missing or failing blob
@@ -426,16 +490,17 @@ class Handler:
             # client (a player seeking) gets its first bytes as soon as Azure sends them.
             first, last = parts[0]
             reader = obj.reader(first, last - first + 1)
-            n = reader.readinto(view[: self.settings.first_chunk_size])
+            n = reader.readinto(buf.view[: self.settings.first_chunk_size])
             prefix = multipart.part_header(0) if multipart else b""
-            out.head(status, headers, prefix + bytes(view[:n]))
+            out.head(status, headers, prefix + bytes(buf.view[:n]))
             for index, (first, last) in enumerate(parts):
                 if index:
                     if multipart:
                         out.send(multipart.part_header(index))
                     reader = obj.reader(first, last - first + 1)
-                while n := reader.readinto(view):
-                    out.send(view[:n])
+                while n := reader.readinto(buf.view):
+                    out.send(buf.view[:n])
+                    buf.sent(n)
                 reader.close()
                 reader = None
             if multipart:
@@ -444,8 +509,7 @@ class Handler:
             if reader is not None:
                 # Closing the reader closes its Azure connection: the download stops now.
                 reader.close()
-            view.release()
-            self.buffers.put(buf)
+            buf.close()
 
     def _log_done(self, req: Request, media: MediaFile, obj: OpenObject, status: int, sent: int, via: str = "") -> None:
         log.debug(

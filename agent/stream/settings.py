@@ -96,6 +96,11 @@ class StreamSettings:
     # Bytes read from Blob per step, and the smaller first step that gets a seek going.
     chunk_size: int = 64 * 1024
     first_chunk_size: int = 16 * 1024
+    # A Blob stream that reads fast (a download, not a player at its bit rate) moves to a read of
+    # this size, which costs less CPU per byte; at most fast_streams of them at once (0 = never),
+    # so memory stays bounded however many streams run (handler.StreamBuffer).
+    fast_chunk_size: int = 256 * 1024
+    fast_streams: int = 16
     # Per-request limits towards Azure: connect/read timeout and retries of one request.
     upstream_timeout: float = 10.0
     upstream_retries: int = 1
@@ -165,6 +170,8 @@ def load_settings(config: Config) -> StreamSettings:
         verified_sweep_seconds=float(num("STREAM_VERIFIED_SWEEP_SECONDS", 60.0, 1.0, 86400.0)),
         chunk_size=r.size("STREAM_CHUNK_SIZE", 64 * 1024, 4 * 1024, 16 * 1024 * 1024),
         first_chunk_size=r.size("STREAM_FIRST_CHUNK_SIZE", 16 * 1024, 1024, 16 * 1024 * 1024),
+        fast_chunk_size=r.size("STREAM_FAST_CHUNK_SIZE", 256 * 1024, 4 * 1024, 16 * 1024 * 1024),
+        fast_streams=int(num("STREAM_FAST_STREAMS", 16, 0, 10000, integer=True)),
         upstream_timeout=float(num("STREAM_UPSTREAM_TIMEOUT_SECONDS", 10.0, 0.1, 600.0)),
         upstream_retries=int(num("STREAM_UPSTREAM_RETRIES", 1, 0, 10, integer=True)),
         stat_cache_seconds=float(num("STREAM_STAT_CACHE_SECONDS", 30.0, 0.0, 86400.0)),

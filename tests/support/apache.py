@@ -88,10 +88,25 @@ def grant_read(*paths: Path, user: str = "www-data") -> None:
 class ApacheFront:
     """apache2 in the foreground on a free loopback port, serving HTTPS."""
 
-    def __init__(self, workdir: Path, media_dirs: dict[str, Path], site_extra: str = "", cache_disable_media=True):
+    def __init__(
+        self,
+        workdir: Path,
+        media_dirs: dict[str, Path],
+        site_extra: str = "",
+        cache_disable_media=True,
+        tls: bool = True,
+    ):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        # tls=False: plain HTTP, GigHive's setup otherwise. Only the benchmark uses it, to tell the
+        # cost of the proxy hop from the cost of TLS (which a direct Azurite read over HTTP lacks).
         self.tls = make_tls(workdir / "tls")
+        self.scheme = "https" if tls else "http"
+        ssl_lines = (
+            f"SSLEngine on\n    SSLCertificateFile {self.tls.cert}\n    SSLCertificateKeyFile {self.tls.key}"
+            if tls
+            else ""
+        )
         self.docroot = workdir / "html"
         self.docroot.mkdir(exist_ok=True)
         # GigHive bind-mounts /home/<user>/{audio,video} to /var/www/html/{audio,video}.
@@ -120,7 +135,7 @@ ServerName 127.0.0.1
 PidFile {workdir}/apache2.pid
 Mutex file:{workdir} default
 DefaultRuntimeDir {workdir}
-Listen 127.0.0.1:{self.port} https
+Listen 127.0.0.1:{self.port} {self.scheme}
 {loads}
 {user_lines}
 ErrorLog {workdir}/error.log
@@ -145,9 +160,7 @@ CacheDirLength 1
 
 <VirtualHost 127.0.0.1:{self.port}>
     ServerName 127.0.0.1
-    SSLEngine on
-    SSLCertificateFile {self.tls.cert}
-    SSLCertificateKeyFile {self.tls.key}
+    {ssl_lines}
     DocumentRoot {self.docroot}
     <Directory {self.docroot}>
         Options FollowSymLinks
