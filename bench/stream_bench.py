@@ -180,6 +180,8 @@ BLOB_SETUPS = (
     "server+apache",
     "server+apache (http)",
     "apache alone",
+    "azurite (https)",
+    "server+apache (azure https)",
 )
 
 
@@ -615,6 +617,15 @@ def markdown(results: dict) -> str:
                     f"- {name}: sequential {_ratio(pa['sequential'])} x apache alone; "
                     f"range p99 {_ratio(pa['range_p99'])} x"
                 )
+    pt = s.get("server+apache (azure https)", {}).get("paired_vs_azurite_(https)")
+    if pt:
+        lines += [
+            "",
+            "As deployed against Azure, which is HTTPS only: server+apache (azure https) is the same HTTPS Apache "
+            "with the server reading over HTTPS from a second Azurite serving HTTPS (its own copy of the file); "
+            "azurite (https) is a direct HTTPS read from that Azurite. Against it (paired): "
+            f"sequential {_ratio(pt['sequential'])} x, range p99 {_ratio(pt['range_p99'])} x.",
+        ]
     if ng is not None:
         lines += ["", "Local mode against nginx serving the file alone (paired):", ""]
     for name in ("server+nginx/local", "server+nginx/x-accel") if ng is not None else ():
@@ -893,6 +904,9 @@ def main() -> int:
     rclone: dict[str, subprocess.Popen] = {}
     apache_fronts: list = []
     azurite = Azurite(work / "azurite")
+    # Real Azure is HTTPS only, and GigHive's Apache front is HTTPS: the fair peer for that front
+    # is Azurite over HTTPS, with the server reading from it over HTTPS too (blob-only mode).
+    azurite_tls: Azurite | None = None
     try:
         azurite.start()
         service = BlobServiceClient.from_connection_string(azurite.connection_string)
@@ -909,6 +923,19 @@ def main() -> int:
                 name, f, length=args.size, max_concurrency=4, metadata={"sha256": sha},
                 content_settings=ContentSettings(content_type="video/mp4"),
             )  # fmt: skip
+        if args.blob_only:
+            from tests.support.tls import make_tls
+
+            tls_files = make_tls(work / "azurite-tls-certs")
+            azurite_tls = Azurite(work / "azurite-tls", https=True, cert=tls_files.cert, key=tls_files.key).start()
+            tls_service = BlobServiceClient.from_connection_string(
+                azurite_tls.connection_string, connection_verify=str(tls_files.ca)
+            )
+            with open(raw, "rb") as f:
+                tls_service.create_container("media").upload_blob(
+                    name, f, length=args.size, max_concurrency=4, metadata={"sha256": sha},
+                    content_settings=ContentSettings(content_type="video/mp4"),
+                )  # fmt: skip
         # Two libraries: one without the file (Blob mode), one with it (local mode).
         empty_roots, local_roots = work / "empty", work / "local"
         for r in (empty_roots, local_roots):
@@ -956,6 +983,15 @@ def main() -> int:
         apache_http = start_apache(work, "apache-blob-http", blob_sock, empty_roots, tls=False)
         apache_alone = start_apache(work, "apache-alone", None, local_roots)
         apache_fronts.extend([apache, apache_http, apache_alone])
+        if azurite_tls is not None:
+            p, tls_sock, _ = start_server(
+                work, "server-blob-tls", azurite_tls, "media", empty_roots,
+                {**server_env, "AZURE_CA_BUNDLE": str(tls_files.ca)},
+            )  # fmt: skip
+            procs.append(p)
+            tls_server_pid = p.pid
+            apache_tls = start_apache(work, "apache-blob-tls", tls_sock, empty_roots)
+            apache_fronts.append(apache_tls)
         if args.before:
             p, old_sock, old_tcp = start_server(work, "server-before", azurite, "media", empty_roots, BEFORE_SERVER_ENV)
             procs.append(p)
@@ -1038,6 +1074,29 @@ def main() -> int:
             Target("server+nginx/x-accel", f"http://127.0.0.1:{fronts['server+nginx/x-accel']}", f"/{name}"),
             Target("nginx", f"http://127.0.0.1:{static_port}", f"/{name}"),
         ]
+        if azurite_tls is not None:
+            tls_sas = generate_container_sas(
+                ACCOUNT_NAME, "media", account_key=ACCOUNT_KEY, permission=ContainerSasPermissions(read=True),
+                expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=6),
+            )  # fmt: skip
+            targets += [
+                Target(
+                    "azurite (https)",
+                    azurite_tls.blob_endpoint,
+                    f"/media/{name}",
+                    tls_sas,
+                    ca=tls_files.ca,
+                    pids=lambda: [azurite_tls.pid or 0],
+                ),
+                Target(
+                    "server+apache (azure https)",
+                    f"https://127.0.0.1:{apache_tls.port}",
+                    f"/{name}",
+                    headers=auth,
+                    ca=apache_tls.tls.ca,
+                    pids=lambda: [azurite_tls.pid or 0, tls_server_pid, apache_tls.proc.pid],
+                ),
+            ]
         if args.blob_only:
             # Blob through each front beside direct Azurite; no rclone, no local setups.
             targets = [t for t in targets if t.name in BLOB_SETUPS]
@@ -1076,6 +1135,8 @@ def main() -> int:
             # in Azurite (which then fails with 500 after a few rounds), and every setup should
             # meet the same Azurite state.
             azurite.restart()
+            if azurite_tls is not None:
+                azurite_tls.restart()
             if not args.blob_only:
                 restart_rclone(targets[1])
             for t in targets:
@@ -1108,7 +1169,7 @@ def main() -> int:
         # that load from other processes on the machine (which drifts) cancels out.
         p99_by_round = {name: [p99(r["ttfbs"]) for r in runs] for name, runs in range_runs.items()}
         for t in targets:
-            for base in ("azurite", "nginx", "apache alone"):
+            for base in ("azurite", "nginx", "apache alone", "azurite (https)"):
                 if base not in p99_by_round:
                     continue
                 setups[t.name][f"paired_vs_{base.replace(' ', '_')}"] = {
@@ -1163,6 +1224,8 @@ def main() -> int:
         for p in reversed(procs):
             _proc.terminate(p, timeout=30)
         azurite.stop()
+        if azurite_tls is not None:
+            azurite_tls.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
