@@ -884,8 +884,9 @@ def main() -> int:
     ap.add_argument(
         "--blob-only",
         action="store_true",
-        help="only Blob: direct Azurite, the server alone, through nginx and through Apache (no rclone, no local "
-        "setups); writes bench/results/stream_blob_fronts.{json,md,svg} unless --out is given",
+        help="only Blob: direct Azurite, the server alone, through nginx and through Apache, and Azure as deployed "
+        "(a second Azurite over HTTPS, read directly and through the server behind the HTTPS Apache); no rclone, "
+        "no local setups; writes bench/results/stream_blob_fronts.{json,md,svg} unless --out is given",
     )
     ap.add_argument(
         "--local-first",
