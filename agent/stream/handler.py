@@ -136,7 +136,7 @@ class StreamBuffer:
     """
 
     def __init__(self, small: BufferPool, large: BufferPool | None):
-        self._small, self._large = small, large
+        self._large = large
         self._pool = small
         self._buf = small.get() or bytearray(small.size)  # the small pool has no limit
         self.view = memoryview(self._buf)
