@@ -122,6 +122,15 @@ def start_server(work: Path, name: str, azurite: Azurite, container: str, roots:
     return proc, sock, tcp_port
 
 
+def put_blob(container, name: str, raw: Path, sha: str) -> None:
+    """The benchmark's file as the agent would have uploaded it (its sha256 in the metadata)."""
+    with open(raw, "rb") as f:
+        container.upload_blob(
+            name, f, length=raw.stat().st_size, max_concurrency=4, metadata={"sha256": sha},
+            content_settings=ContentSettings(content_type="video/mp4"),
+        )  # fmt: skip
+
+
 def vouch(state_dir: Path, root: str, path: Path, sha: str) -> None:
     """What the agent records once its upload has hashed a file. Without it the stream server sends
     the file as unverified (no sha256 ETag, no X-Accel handover; docs/streaming.md)."""
@@ -919,11 +928,7 @@ def main() -> int:
         sha = make_file(raw, args.size)
         name = f"video/{sha}.mp4"
         print("uploading to Azurite ...", flush=True)
-        with open(raw, "rb") as f:
-            container.upload_blob(
-                name, f, length=args.size, max_concurrency=4, metadata={"sha256": sha},
-                content_settings=ContentSettings(content_type="video/mp4"),
-            )  # fmt: skip
+        put_blob(container, name, raw, sha)
         if args.blob_only:
             from tests.support.tls import make_tls
 
@@ -932,11 +937,7 @@ def main() -> int:
             tls_service = BlobServiceClient.from_connection_string(
                 azurite_tls.connection_string, connection_verify=str(tls_files.ca)
             )
-            with open(raw, "rb") as f:
-                tls_service.create_container("media").upload_blob(
-                    name, f, length=args.size, max_concurrency=4, metadata={"sha256": sha},
-                    content_settings=ContentSettings(content_type="video/mp4"),
-                )  # fmt: skip
+            put_blob(tls_service.create_container("media"), name, raw, sha)
         # Two libraries: one without the file (Blob mode), one with it (local mode).
         empty_roots, local_roots = work / "empty", work / "local"
         for r in (empty_roots, local_roots):
