@@ -15,11 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 from .config import RetryPolicy
 from .errors import StateError
+
+T = TypeVar("T")
 
 STATES = ("pending", "uploading", "uploaded", "failed", "dead", "quarantined", "evicted")
 POINTER_NONE, POINTER_PENDING, POINTER_DONE = "none", "pending", "done"
@@ -94,7 +97,9 @@ CREATE TABLE IF NOT EXISTS intents (
 """
 
 
-@dataclass(frozen=True)
+# slots: a per-instance __dict__ would be most of a record's ~1.3 KiB, and verify, reconcile and
+# the way back hold one per file (100,000 for a large library).
+@dataclass(frozen=True, slots=True)
 class FileRecord:
     blob_name: str
     root: str
@@ -123,7 +128,7 @@ class FileRecord:
     keep_local_until: float | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def backoff_delay(attempts: int, policy: RetryPolicy, rng: random.Random | None = None) -> float:
@@ -135,6 +140,19 @@ def backoff_delay(attempts: int, policy: RetryPolicy, rng: random.Random | None 
     exp = policy.base_delay * (2 ** max(0, attempts - 1))
     delay = min(policy.max_delay, exp)
     return delay * (0.5 + 0.5 * (rng or random).random())
+
+
+class Uploaded(NamedTuple):
+    """What verify compares of an uploaded file: a FileRecord's checked fields only, since it
+    holds one per file (half the memory of whole records at 100,000 files)."""
+
+    blob_name: str
+    size: int | None
+    mtime_ns: int | None
+    inode: int | None
+    sha256: str | None
+    md5: str | None
+    local_copy: int
 
 
 class StateStore:
@@ -281,18 +299,36 @@ class StateStore:
             except sqlite3.Error as e:
                 raise StateError(f"state database {self.path}: {e}") from e
 
+    def _records(self, sql: str, args: Iterable[object] = ()) -> list[FileRecord]:
+        return self._rows_as(lambda r: FileRecord(**r), sql, args)
+
+    def _rows_as(self, make: Callable[[sqlite3.Row], T], sql: str, args: Iterable[object] = ()) -> list[T]:
+        """make(row) for every row of a query, built a batch of rows at a time: all sqlite3.Rows
+        of a 100,000-row answer at once would double what the objects made of them cost."""
+        out: list[T] = []
+        with self._lock:
+            try:
+                cursor = self._db.execute(sql, tuple(args))
+                while rows := cursor.fetchmany(2000):
+                    out.extend(make(r) for r in rows)
+            except sqlite3.Error as e:
+                raise StateError(f"state database {self.path}: {e}") from e
+        return out
+
     # ---- reading -------------------------------------------------------------------------
 
     def get(self, blob_name: str) -> FileRecord | None:
         rows = self._query("SELECT * FROM files WHERE blob_name = ?", (blob_name,))
         return FileRecord(**rows[0]) if rows else None
 
-    def snapshot(self) -> dict[str, tuple[int | None, int | None, int | None]]:
-        """blob_name -> (size, mtime_ns, inode): lets a full scan write only what changed."""
-        return {
-            r["blob_name"]: (r["size"], r["mtime_ns"], r["inode"])
-            for r in self._query("SELECT blob_name, size, mtime_ns, inode FROM files")
-        }
+    def snapshot(self, states: Collection[str] | None = None) -> dict[str, tuple[int | None, int | None, int | None]]:
+        """blob_name -> (size, mtime_ns, inode) of every row (or those in `states`): lets a full
+        scan write only what changed."""
+        sql, args = "SELECT blob_name, size, mtime_ns, inode FROM files", ()
+        if states is not None:
+            args = tuple(states)
+            sql += f" WHERE state IN ({','.join('?' * len(args))})"
+        return {r[0]: (r[1], r[2], r[3]) for r in self._query(sql, args)}
 
     def brief(self, roots: Collection[str] | None = None) -> dict[str, tuple]:
         """blob_name -> (state, size, mtime_ns, inode, sha256, etag): what a dry run or a
@@ -318,7 +354,20 @@ class StateStore:
         sql = f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY updated_at"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [FileRecord(**r) for r in self._query(sql, states)]
+        return self._records(sql, states)
+
+    def uploads(self, roots: Collection[str]) -> list[Uploaded]:
+        """Every file under `roots` recorded as uploaded and verified (local or evicted), in
+        blob-name order."""
+        roots = tuple(roots)
+        if not roots:
+            return []
+        return self._rows_as(
+            lambda r: Uploaded(*r),
+            "SELECT blob_name, size, mtime_ns, inode, sha256, md5, local_copy FROM files "
+            f"WHERE state IN ('uploaded', 'evicted') AND root IN ({','.join('?' * len(roots))}) ORDER BY blob_name",
+            roots,
+        )
 
     def records(self, states: Iterable[str] | None = None, root: str | None = None) -> list[FileRecord]:
         """Every row (optionally in these states, under this root), in blob-name order."""
@@ -331,7 +380,7 @@ class StateStore:
         if root is not None:
             sql += " AND root = ?"
             args.append(root)
-        return [FileRecord(**r) for r in self._query(sql + " ORDER BY blob_name", args)]
+        return self._records(sql + " ORDER BY blob_name", args)
 
     def due(self, now: float, max_delay: float, include_failed: bool = True) -> list[FileRecord]:
         """Work whose time has come.
@@ -341,12 +390,11 @@ class StateStore:
         """
         states = ("pending", "failed") if include_failed else ("pending",)
         marks = ",".join("?" * len(states))
-        rows = self._query(
+        return self._records(
             f"SELECT * FROM files WHERE state IN ({marks}) AND (next_attempt_at <= ? OR next_attempt_at > ?) "
             "ORDER BY next_attempt_at, blob_name",
             (*states, now, now + max_delay * 1.5 + 60),
         )
-        return [FileRecord(**r) for r in rows]
 
     def next_due_time(self) -> float | None:
         rows = self._query("SELECT MIN(next_attempt_at) AS t FROM files WHERE state IN ('pending','failed')")
@@ -357,15 +405,12 @@ class StateStore:
         return {r[0]: r[1] for r in self._query("SELECT blob_name, etag FROM files WHERE pointer = 'done'")}
 
     def pointer_pending(self) -> list[FileRecord]:
-        return [FileRecord(**r) for r in self._query("SELECT * FROM files WHERE pointer = 'pending'")]
+        return self._records("SELECT * FROM files WHERE pointer = 'pending'")
 
     def eviction_candidates(self) -> list[FileRecord]:
-        return [
-            FileRecord(**r)
-            for r in self._query(
-                "SELECT * FROM files WHERE state = 'uploaded' AND local_copy = 1 AND pointer IN ('none','done')"
-            )
-        ]
+        return self._records(
+            "SELECT * FROM files WHERE state = 'uploaded' AND local_copy = 1 AND pointer IN ('none','done')"
+        )
 
     # ---- transitions ---------------------------------------------------------------------
 

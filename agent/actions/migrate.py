@@ -21,7 +21,7 @@ from .. import safety
 from ..config import Config, MediaRoot
 from ..context import queue_worker
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, AgentError, Unavailable
-from ..inventory import list_for
+from ..inventory import iter_listed, prefixes_for
 from ..media import SHA256_NAME_RE, MediaFile
 from ..progress import Progress, human_bytes, human_duration
 from ..scan import ScanReport, walk_root
@@ -112,10 +112,10 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
     scan = ScanReport()
     # Plain tuples, not MediaFile and stat objects: a 100,000-file library must plan in well
     # under 200 MiB, and these cost about a fifth as much per file.
-    local = [
-        (mf.blob_name, st.st_size, st.st_mtime_ns, st.st_ino, mf.root.content_addressed)
+    local = {
+        mf.blob_name: (st.st_size, st.st_mtime_ns, st.st_ino, mf.root.content_addressed)
         for mf, st in _walk(roots, scan)
-    ]
+    }
     scanned = time.monotonic()
     state = StateStore.open_readonly(config.state_dir)
     try:
@@ -124,56 +124,62 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
         if state is not None:
             state.close()
     vouched: set[str] = set()
-    for name, size, mtime_ns, inode, _ca in local:
+    for name, (size, mtime_ns, inode, _ca) in local.items():
         rec = known.get(name)
         if rec is not None and (rec[1], rec[2], rec[3]) == (size, mtime_ns, inode) and _vouches(rec):
             vouched.add(name)
+
+    def bucket_of(name: str, blob: Listed | None) -> str:
+        size, mtime_ns, inode, content_addressed = local[name][:4]
+        rec = known.get(name)
+        same_file = rec is not None and (rec[1], rec[2], rec[3]) == (size, mtime_ns, inode)
+        if same_file and rec[0] == "quarantined":
+            return "quarantined"
+        if same_file and rec[0] == "dead":
+            return "dead"
+        if name in vouched or (
+            same_file and rec[0] in ("uploaded", "evicted") and blob is not None and _etag(blob.etag) == _etag(rec[5])
+        ):
+            return "in_blob_verified"
+        if blob is None:
+            return "to_upload"
+        promised = _name_sha(name.split("/", 1)[1]) if content_addressed else None
+        if blob.size == size and blob.sha256 and blob.sha256 == (promised or blob.sha256):
+            return "in_blob_to_check"
+        return "in_blob_differs"
+
     store = AzureBlobStore(config)
+    listed_count = 0
     try:
         doubt = _sample_problem(store, known, vouched, config.file_concurrency)
         if doubt is not None:
             log.warning("the agent's state and the container disagree (%s): listing every file", doubt)
             vouched.clear()
-        unknown = [name for name, *_ in local if name not in vouched]
+        unknown = [name for name in local if name not in vouched]
         if len(unknown) > _PROBE_AT_MOST:
             lookup = "listing"
-            listing = list_for(store, unknown)
+            listing = iter_listed(store, prefixes_for(unknown))
         else:
             lookup = "properties" if unknown else "none"
-            listing = _probe(store, unknown, config.file_concurrency)
+            listing = iter(_probe(store, unknown, config.file_concurrency).items())
         del unknown
+        # Each entry is judged as it arrives and only its verdict kept, beside the file's own
+        # tuple (the key stays the local name): the listing itself is never held whole.
+        for name, blob in listing:
+            listed_count += 1
+            if (entry := local.get(name)) is not None:
+                local[name] = (*entry[:4], bucket_of(name, blob))
     except StoreUnavailable as e:
         raise Unavailable(f"cannot read the container, so the plan cannot say what is already in Blob: {e}") from e
     listed = time.monotonic()
 
     per_root: dict[str, dict[str, int]] = {r.name: _empty_plan() for r in roots}
-    for name, size, mtime_ns, inode, content_addressed in local:
-        root_name, rel = name.split("/", 1)
-        p = per_root[root_name]
+    for name, entry in local.items():
+        p = per_root[name.split("/", 1)[0]]
+        size = entry[0]
         p["files"] += 1
         p["bytes"] += size
-        rec = known.get(name)
-        blob = listing.get(name)
-        same_file = rec is not None and (rec[1], rec[2], rec[3]) == (size, mtime_ns, inode)
-        if same_file and rec[0] == "quarantined":
-            bucket = "quarantined"
-        elif same_file and rec[0] == "dead":
-            bucket = "dead"
-        elif name in vouched or (
-            same_file and rec[0] in ("uploaded", "evicted") and blob is not None and _etag(blob.etag) == _etag(rec[5])
-        ):
-            bucket = "in_blob_verified"
-        elif (
-            blob is not None
-            and blob.size == size
-            and blob.sha256
-            and blob.sha256 == ((_name_sha(rel) if content_addressed else None) or blob.sha256)
-        ):
-            bucket = "in_blob_to_check"
-        elif blob is not None:
-            bucket = "in_blob_differs"
-        else:
-            bucket = "to_upload"
+        bucket = entry[4] if len(entry) > 4 else bucket_of(name, None)
         p[bucket] += 1
         p[f"{bucket}_bytes"] += size
     for name, rec in known.items():
@@ -209,7 +215,7 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
         "looked_up": len(local) - len(vouched),
         "lookup": lookup,
         "state_doubt": doubt,
-        "blobs_listed": len(listing),
+        "blobs_listed": listed_count,
         "skipped": scan.as_dict()["skipped"],
         "root_errors": scan.root_errors,
         "scan_seconds": round(scanned - started, 3),
@@ -336,8 +342,16 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         ]
         for where, problem in scan.root_errors.items():
             log.error("media root %s: %s", where, problem, extra={"fields": {"root": where}})
+        # What a listing says is kept only for the files this run may send (new, changed, not
+        # yet verified), so a file already there is not sent again: the state answers for the
+        # rest, as for the dry run. Up to _PROBE_AT_MOST of them, no listing: each upload's own
+        # conditional Put Blob finds what is there.
+        done = worker.state.snapshot(("uploaded", "evicted"))
+        wanted = {n for n, _r, _p, st, _t in walked if done.get(n) != (st.st_size, st.st_mtime_ns, st.st_ino)}
+        del done
         try:
-            worker.listing = list_for(worker.store, (w[0] for w in walked))
+            if len(wanted) > _PROBE_AT_MOST:
+                worker.listing = {n: b for n, b in iter_listed(worker.store, prefixes_for(wanted)) if n in wanted}
         except StoreUnavailable as e:
             log.error("cannot list the container; nothing was uploaded: %s", e)
             return {"error": "unavailable", "message": str(e), "uploaded": 0}, EXIT_UNAVAILABLE

@@ -14,8 +14,11 @@ import logging
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..config import Config, MediaRoot
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
@@ -23,11 +26,14 @@ from ..inventory import list_for
 from ..media import media_file_for_blob
 from ..notify import Notifier
 from ..progress import Progress, human_bytes, human_duration
-from ..state import FileRecord, StateStore
+from ..state import StateStore, Uploaded
 from ..storage import Listed, StoreUnavailable
 from ..storage.azure_blob import AzureBlobStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Verdicts; the first three are failures, the others information.
 FAILURES = ("missing_blob", "mismatch", "local_corruption", "unreadable")
@@ -59,7 +65,7 @@ def run(
     if state is None:
         return {"checked": 0, "note": "no upload has run yet: nothing to verify"}, EXIT_OK
     try:
-        records = [r for r in state.records(("uploaded", "evicted")) if r.root in names]
+        records = state.uploads(names)
     finally:
         state.close()
     if sample is not None and sample < len(records):
@@ -73,52 +79,47 @@ def run(
         sum(r.size or 0 for r in records) if readback else 0
     )
     progress = Progress("verify", len(records), to_read, Notifier(), interactive=interactive)
-    verdicts: list[Verdict] = []
+    counts = {k: 0 for k in ("ok", *FAILURES, *INFO)}
+    problems: list[dict[str, str]] = []
+    checked = bytes_read = 0
     outage: str | None = None
 
-    def check(rec: FileRecord) -> Verdict:
+    def check(rec: Uploaded) -> Verdict:
         v = _check(config, store, listing, rec, readback)
         progress.advance(1, v.bytes_read, problems=int(v.verdict in FAILURES))
         return v
 
     try:
         with ThreadPoolExecutor(config.file_concurrency, thread_name_prefix="verify") as pool:
-            verdicts = list(pool.map(check, records))
+            # Only the problems are kept: a verdict per file of a 100,000-file library, and a
+            # future per file submitted up front, would hold more than the records themselves.
+            for v in _bounded_map(pool, check, records, ahead=4 * config.file_concurrency):
+                checked += 1
+                bytes_read += v.bytes_read
+                counts[v.verdict] += 1
+                if v.verdict != "ok":
+                    problems.append({"blob_name": v.blob_name, "verdict": v.verdict, "detail": v.detail})
+                    _log_problem(v)
     except StoreUnavailable as e:
         outage = str(e)
         log.error("verify stopped: Azure Blob is unusable: %s", e)
     finally:
         progress.close()
 
-    counts = {k: 0 for k in ("ok", *FAILURES, *INFO)}
-    problems: list[dict[str, str]] = []
-    for v in verdicts:
-        counts[v.verdict] += 1
-        if v.verdict != "ok":
-            problems.append({"blob_name": v.blob_name, "verdict": v.verdict, "detail": v.detail})
-            level = logging.ERROR if v.verdict in FAILURES else logging.WARNING
-            log.log(
-                level,
-                "verify %s: %s: %s",
-                v.blob_name,
-                v.verdict,
-                v.detail,
-                extra={"fields": {"blob_name": v.blob_name, "verdict": v.verdict}},
-            )
     result: dict[str, object] = {
-        "checked": len(verdicts),
+        "checked": checked,
         "sampled": sample is not None,
         "readback": readback,
         "counts": counts,
         "problems": problems[:500],
-        "bytes_read": sum(v.bytes_read for v in verdicts),
+        "bytes_read": bytes_read,
         "duration_s": round(time.monotonic() - started, 3),
         "outage": outage,
     }
     failed = sum(counts[k] for k in FAILURES)
     log.info(
         "verify finished: %d checked, %d ok, %d failed (%s) in %s",
-        len(verdicts),
+        checked,
         counts["ok"],
         failed,
         ", ".join(f"{k} {counts[k]}" for k in (*FAILURES, *INFO) if counts[k]) or "none",
@@ -129,7 +130,30 @@ def run(
     return result, EXIT_FAILURE if failed else EXIT_OK
 
 
-def _check(config: Config, store: AzureBlobStore, listing, rec: FileRecord, readback: bool) -> Verdict:
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """pool.map, in order, with at most `ahead` calls submitted but not yet taken."""
+    pending: deque[Future[R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _log_problem(v: Verdict) -> None:
+    level = logging.ERROR if v.verdict in FAILURES else logging.WARNING
+    log.log(
+        level,
+        "verify %s: %s: %s",
+        v.blob_name,
+        v.verdict,
+        v.detail,
+        extra={"fields": {"blob_name": v.blob_name, "verdict": v.verdict}},
+    )
+
+
+def _check(config: Config, store: AzureBlobStore, listing, rec: Uploaded, readback: bool) -> Verdict:
     name = rec.blob_name
     blob: Listed | None
     if listing is not None:
