@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from .config import RetryPolicy
 from .errors import StateError
@@ -140,6 +140,14 @@ def backoff_delay(attempts: int, policy: RetryPolicy, rng: random.Random | None 
     exp = policy.base_delay * (2 ** max(0, attempts - 1))
     delay = min(policy.max_delay, exp)
     return delay * (0.5 + 0.5 * (rng or random).random())
+
+
+class StatLike(Protocol):
+    """What observe() reads of a file's stat: an os.stat_result, or just these three fields."""
+
+    st_size: int
+    st_mtime_ns: int
+    st_ino: int
 
 
 class Uploaded(NamedTuple):
@@ -331,10 +339,24 @@ class StateStore:
         return {r[0]: (r[1], r[2], r[3]) for r in self._query(sql, args)}
 
     def brief(self, roots: Collection[str] | None = None) -> dict[str, tuple]:
-        """blob_name -> (state, size, mtime_ns, inode, sha256, etag): what a dry run or a
-        reconciliation needs from every row, small enough to hold for 100,000 files."""
-        rows = self._query("SELECT blob_name, root, state, size, mtime_ns, inode, sha256, etag FROM files")
-        return {r[0]: (r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows if roots is None or r[1] in roots}
+        """blob_name -> (state, size, mtime_ns, inode, etag): what a dry run or a reconciliation
+        needs from every row, small enough to hold for 100,000 files (read a batch at a time, the
+        state names shared rather than one string per row)."""
+        sql, args = "SELECT blob_name, state, size, mtime_ns, inode, etag FROM files", ()
+        if roots is not None:
+            args = tuple(roots)
+            sql += f" WHERE root IN ({','.join('?' * len(args))})"
+        names = {s: s for s in STATES}
+        out: dict[str, tuple] = {}
+        with self._lock:
+            try:
+                cursor = self._db.execute(sql, args)
+                while rows := cursor.fetchmany(2000):
+                    for r in rows:
+                        out[r[0]] = (names.get(r[1], r[1]), r[2], r[3], r[4], r[5])
+            except sqlite3.Error as e:
+                raise StateError(f"state database {self.path}: {e}") from e
+        return out
 
     def counts(self, roots: Collection[str] | None = None) -> dict[str, int]:
         sql, args = "SELECT state, COUNT(*) AS n FROM files", ()
@@ -424,7 +446,7 @@ class StateStore:
             )
             return cur.rowcount
 
-    def observe(self, blob_name: str, root: str, path: str, st: os.stat_result, not_before: float) -> str:
+    def observe(self, blob_name: str, root: str, path: str, st: StatLike, not_before: float) -> str:
         """Record a file seen on disk. Returns 'new', 'changed' or 'known'.
 
         A known file whose size, mtime or inode changed is reconsidered from scratch: its old
@@ -435,7 +457,7 @@ class StateStore:
 
     def observe_many(
         self,
-        items: Iterable[tuple[str, str, str, os.stat_result, float]],
+        items: Iterable[tuple[str, str, str, StatLike, float]],
         batch: int = 2000,
         on_changed: Callable[[str], None] | None = None,
     ) -> dict:
@@ -443,7 +465,7 @@ class StateStore:
         would otherwise spend most of its enqueueing time committing one row at a time.
         `on_changed(blob_name)` is called for each file found changed, after its batch committed."""
         verdicts = {"new": 0, "changed": 0, "known": 0}
-        chunk: list[tuple[str, str, str, os.stat_result, float]] = []
+        chunk: list[tuple[str, str, str, StatLike, float]] = []
 
         def flush() -> None:
             changed = []
@@ -469,7 +491,7 @@ class StateStore:
 
     @staticmethod
     def _observe(
-        db: sqlite3.Connection, now: float, blob_name: str, root: str, path: str, st: os.stat_result, not_before: float
+        db: sqlite3.Connection, now: float, blob_name: str, root: str, path: str, st: StatLike, not_before: float
     ) -> str:
         row = db.execute("SELECT state, size, mtime_ns, inode FROM files WHERE blob_name = ?", (blob_name,)).fetchone()
         if row is None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import safety
 from ..config import Config, MediaRoot
@@ -138,7 +139,7 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
         if same_file and rec[0] == "dead":
             return "dead"
         if name in vouched or (
-            same_file and rec[0] in ("uploaded", "evicted") and blob is not None and _etag(blob.etag) == _etag(rec[5])
+            same_file and rec[0] in ("uploaded", "evicted") and blob is not None and _etag(blob.etag) == _etag(rec[4])
         ):
             return "in_blob_verified"
         if blob is None:
@@ -236,7 +237,7 @@ _TRUST_SAMPLE = 16
 def _vouches(rec: tuple) -> bool:
     """Whether a state row alone answers: verified in Blob (with the ETag it was verified at),
     or parked by the agent (quarantined, dead) whatever the container holds."""
-    state, etag = rec[0], rec[5]
+    state, etag = rec[0], rec[4]
     return (state in ("uploaded", "evicted") and bool(etag)) or state in ("quarantined", "dead")
 
 
@@ -257,7 +258,7 @@ def _sample_problem(store: AzureBlobStore, known: dict[str, tuple], vouched: set
         blob = found.get(name)
         if blob is None:
             return f"{name} is recorded as verified in Blob but the container does not have it"
-        if _etag(blob.etag) != _etag(known[name][5]):
+        if _etag(blob.etag) != _etag(known[name][4]):
             return f"{name} is in the container with another ETag than the one recorded at its verification"
     return None
 
@@ -337,7 +338,13 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         worker.notifier.ready("migrate: scanning media roots")
         scan = ScanReport()
         walked = [
-            (mf.blob_name, mf.root.name, str(mf.path), st, min(st.st_mtime, time.time()) + config.settle_seconds)
+            (
+                mf.blob_name,
+                mf.root.name,
+                str(mf.path),
+                _Seen(st.st_size, st.st_mtime_ns, st.st_ino),
+                min(st.st_mtime, time.time()) + config.settle_seconds,
+            )
             for mf, st in _walk(roots, scan)
         ]
         for where, problem in scan.root_errors.items():
@@ -398,6 +405,15 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         after = worker.state.counts(names)
         worker.notifier.stopping()
     return _summary(report, scan, verdicts, done_before, after, started, worker.outage, opts)
+
+
+class _Seen(NamedTuple):
+    """The stat fields the state compares (StateStore.observe): a whole os.stat_result per file
+    is most of what a 100,000-file walk holds."""
+
+    st_size: int
+    st_mtime_ns: int
+    st_ino: int
 
 
 def _summary(report, scan, verdicts, done_before, after, started, outage, opts) -> tuple[dict[str, object], int]:
