@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from ..config import Config, MediaRoot
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
-from ..inventory import list_for
+from ..inventory import iter_listed, prefixes_for
 from ..media import media_file_for_blob
 from ..notify import Notifier
 from ..progress import Progress, human_bytes, human_duration
@@ -72,7 +72,7 @@ def run(
         records = random.Random(seed).sample(records, sample)
     store = AzureBlobStore(config)
     try:
-        listing = list_for(store, (r.blob_name for r in records)) if len(records) > _LIST_ABOVE else None
+        listing = _Listing(store, records, keep=readback) if len(records) > _LIST_ABOVE else None
     except StoreUnavailable as e:
         return {"error": "unavailable", "message": str(e)}, EXIT_UNAVAILABLE
     to_read = sum((r.size or 0) for r in records if r.local_copy) + (
@@ -84,8 +84,8 @@ def run(
     checked = bytes_read = 0
     outage: str | None = None
 
-    def check(rec: Uploaded) -> Verdict:
-        v = _check(config, store, listing, rec, readback)
+    def check(item: tuple[int, Uploaded]) -> Verdict:
+        v = _check(config, store, listing, *item, readback)
         progress.advance(1, v.bytes_read, problems=int(v.verdict in FAILURES))
         return v
 
@@ -93,7 +93,7 @@ def run(
         with ThreadPoolExecutor(config.file_concurrency, thread_name_prefix="verify") as pool:
             # Only the problems are kept: a verdict per file of a 100,000-file library, and a
             # future per file submitted up front, would hold more than the records themselves.
-            for v in _bounded_map(pool, check, records, ahead=4 * config.file_concurrency):
+            for v in _bounded_map(pool, check, enumerate(records), ahead=4 * config.file_concurrency):
                 checked += 1
                 bytes_read += v.bytes_read
                 counts[v.verdict] += 1
@@ -153,21 +153,30 @@ def _log_problem(v: Verdict) -> None:
     )
 
 
-def _check(config: Config, store: AzureBlobStore, listing, rec: Uploaded, readback: bool) -> Verdict:
-    name = rec.blob_name
-    blob: Listed | None
-    if listing is not None:
-        blob = listing.get(name)
-    else:
-        info = store.stat(name)
-        blob = Listed(info.size, info.etag, info.content_md5, info.sha256) if info is not None else None
-    if blob is None:
-        where = (
-            "the local copy is still there; `gighive-media reconcile` queues it again"
-            if rec.local_copy
-            else ("the local copy was deleted after upload: this file is lost unless a backup has it")
-        )
-        return Verdict(name, "missing_blob", where)
+class _Listing:
+    """What the container listing says of each record, judged as the listing arrives and kept
+    as a verdict, not as entries (those of a 100,000-blob listing held whole are ~60 MiB): seen
+    or not, and the differences where there are any. With `keep` (read-back) each entry is kept
+    too, for the size and ETag a read needs."""
+
+    def __init__(self, store: AzureBlobStore, records: list[Uploaded], keep: bool) -> None:
+        position = {r.blob_name: i for i, r in enumerate(records)}
+        self.seen = bytearray(len(records))
+        self.differs: dict[int, str] = {}
+        self.kept: dict[int, Listed] = {}
+        for name, blob in iter_listed(store, prefixes_for(position)):
+            i = position.get(name)
+            if i is None:
+                continue
+            self.seen[i] = 1
+            if diffs := _differences(records[i], blob):
+                self.differs[i] = diffs
+            elif keep:
+                self.kept[i] = blob
+
+
+def _differences(rec: Uploaded, blob: Listed) -> str:
+    """How the blob's properties differ from what was recorded at upload ("" if they agree)."""
     recorded_md5 = bytes.fromhex(rec.md5) if rec.md5 else None
     diffs = []
     if blob.size != rec.size:
@@ -176,10 +185,33 @@ def _check(config: Config, store: AzureBlobStore, listing, rec: Uploaded, readba
         diffs.append(f"sha256 metadata {blob.sha256} != recorded {rec.sha256}")
     if blob.content_md5 is not None and recorded_md5 is not None and blob.content_md5 != recorded_md5:
         diffs.append("Content-MD5 differs from the recorded MD5")
+    return "; ".join(diffs)
+
+
+def _check(
+    config: Config, store: AzureBlobStore, listing: _Listing | None, i: int, rec: Uploaded, readback: bool
+) -> Verdict:
+    name = rec.blob_name
+    blob: Listed | None
+    if listing is not None:
+        present, diffs, blob = bool(listing.seen[i]), listing.differs.get(i, ""), listing.kept.get(i)
+    else:
+        info = store.stat(name)
+        blob = Listed(info.size, info.etag, info.content_md5, info.sha256) if info is not None else None
+        present, diffs = blob is not None, _differences(rec, blob) if blob is not None else ""
+    if not present:
+        where = (
+            "the local copy is still there; `gighive-media reconcile` queues it again"
+            if rec.local_copy
+            else ("the local copy was deleted after upload: this file is lost unless a backup has it")
+        )
+        return Verdict(name, "missing_blob", where)
     if diffs:
-        return Verdict(name, "mismatch", "; ".join(diffs))
+        return Verdict(name, "mismatch", diffs)
+    recorded_md5 = bytes.fromhex(rec.md5) if rec.md5 else None
     read = 0
     if readback:
+        assert blob is not None  # a listing keeps every matching entry when reading back
         sha, md5, size = hashlib.sha256(), hashlib.md5(), 0  # noqa: S324 - Content-MD5 comparison
         for chunk in store.read_range(name, 0, blob.size, etag=blob.etag):
             sha.update(chunk)

@@ -136,6 +136,40 @@ def test_only_readback_catches_a_blob_whose_properties_lie(harness: Harness, med
     assert [p["blob_name"] for p in r["problems"]] == [victim] and r["problems"][0]["verdict"] == "mismatch"
 
 
+def test_a_library_past_the_listing_threshold_gets_the_same_verdicts(harness: Harness, media_roots) -> None:
+    """Over _LIST_ABOVE records verify judges one container listing as it streams in instead of
+    a HEAD per file: the same verdicts, the read-back included."""
+    from agent.actions.verify import _LIST_ABOVE
+
+    files = build_library(media_roots, small=_LIST_ABOVE + 30, large=0)
+    harness.cli("migrate", check=True)
+    c = container(harness)
+    names = sorted(n for n in files if n.startswith("video/") and "thumbnails" not in n)
+    missing, replaced, rotten, lying = names[:4]
+    c.get_blob_client(missing).delete_blob()
+    c.get_blob_client(replaced).upload_blob(b"other bytes", overwrite=True)
+    path = local_path(media_roots, rotten)
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.write(b"\xff\xfe")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bc = c.get_blob_client(lying)
+    props = bc.get_blob_properties()
+    bc.upload_blob(bytes(len(files[lying])), overwrite=True, metadata=props.metadata)
+    bc.set_http_headers(
+        ContentSettings(
+            content_type=props.content_settings.content_type, content_md5=props.content_settings.content_md5
+        )
+    )
+
+    expected = {missing: "missing_blob", replaced: "mismatch", rotten: "local_corruption"}
+    r = harness.cli_json("verify", "--all")
+    assert {x["blob_name"]: x["verdict"] for x in r["problems"]} == expected, r["problems"]
+    assert r["checked"] == len(files) and r["counts"]["ok"] == len(files) - 3
+    r = harness.cli_json("verify", "--all", "--readback")
+    assert {x["blob_name"]: x["verdict"] for x in r["problems"]} == {**expected, lying: "mismatch"}, r["problems"]
+
+
 # ---- reconcile -------------------------------------------------------------------------------
 
 
