@@ -7,7 +7,7 @@ about each file would cost one round trip per file; one listing costs one per 5,
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 
@@ -64,17 +64,21 @@ def list_prefixes(store: AzureBlobStore, prefixes: Iterable[str], parallel: int 
     return result
 
 
-def iter_listed(store: AzureBlobStore, prefixes: Iterable[str], parallel: int = 8) -> Iterator[tuple[str, Listed]]:
+def iter_listed(
+    store: AzureBlobStore, prefixes: Iterable[str], keep: Callable[[str], bool], parallel: int = 8
+) -> Iterator[tuple[str, Listed]]:
     """(name, Listed) for every blob under any of the prefixes, a prefix's entries at a time as
     its listing completes (not in name order).
 
-    For a caller that keeps only a little of each entry: a 100,000-blob listing held whole is
-    ~80 MiB. At most `parallel` prefixes are read or waiting to be taken at once.
+    Only the blobs whose names `keep` accepts: a prefix covers every blob under it, wanted or
+    not (a few new files in a large root list the whole root). For a caller that keeps only a
+    little of each entry: a 100,000-blob listing held whole is ~80 MiB. At most `parallel`
+    prefixes are read or waiting to be taken at once.
     """
     pending = iter(_minimal(prefixes))
 
     def read(prefix: str) -> list[tuple[str, Listed]]:
-        return list(store.list_entries(prefix))
+        return [entry for entry in store.list_entries(prefix) if keep(entry[0])]
 
     with ThreadPoolExecutor(parallel, thread_name_prefix="list") as pool:
         running = {pool.submit(read, p) for p in islice(pending, parallel)}

@@ -159,7 +159,7 @@ def plan(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> dict[st
         unknown = [name for name in local if name not in vouched]
         if len(unknown) > _PROBE_AT_MOST:
             lookup = "listing"
-            listing = iter_listed(store, prefixes_for(unknown))
+            listing = iter_listed(store, prefixes_for(unknown), keep=local.__contains__)
         else:
             lookup = "properties" if unknown else "none"
             listing = iter(_probe(store, unknown, config.file_concurrency).items())
@@ -358,7 +358,7 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         del done
         try:
             if len(wanted) > _PROBE_AT_MOST:
-                worker.listing = {n: b for n, b in iter_listed(worker.store, prefixes_for(wanted)) if n in wanted}
+                worker.listing = dict(iter_listed(worker.store, prefixes_for(wanted), keep=wanted.__contains__))
         except StoreUnavailable as e:
             log.error("cannot list the container; nothing was uploaded: %s", e)
             return {"error": "unavailable", "message": str(e), "uploaded": 0}, EXIT_UNAVAILABLE

@@ -164,7 +164,7 @@ class _Listing:
         self.seen = bytearray(len(records))
         self.differs: dict[int, str] = {}
         self.kept: dict[int, Listed] = {}
-        for name, blob in iter_listed(store, prefixes_for(position)):
+        for name, blob in iter_listed(store, prefixes_for(position), keep=position.__contains__):
             i = position.get(name)
             if i is None:
                 continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import email.utils
-import io
 import logging
 import platform
 import re
@@ -312,9 +311,10 @@ class AzureBlobStore:
         The SDK's list_blobs spends about 0.4 ms of CPU per blob turning the XML into model
         objects (40 s for a 100,000-file library); this sends the same List Blobs request through
         the client's own pipeline (auth, retries, timeouts; see azure_sdk_private.send) and reads
-        only the fields the agent needs straight from the XML.
+        only the fields the agent needs straight from the XML, as it arrives.
         """
         marker = ""
+        last: str | None = None
         while True:
             query = {"restype": "container", "comp": "list", "include": "metadata", "maxresults": str(page_size)}
             if prefix:
@@ -322,28 +322,60 @@ class AzureBlobStore:
             if marker:
                 query["marker"] = marker
             url = f"{self.container.url}?{urlencode(query)}"
-            response = self._call(lambda url=url: azure_sdk_private.send(self.container, "GET", url))
-            body = response.read()
+            for attempt in range(1, _PAGE_READS + 1):
+                page = _Page()
+                try:
+                    for name, entry in self._read_page(url, page):
+                        # A page read again after its answer broke off resumes past what was
+                        # already given (a listing is in name order).
+                        if last is None or name > last:
+                            last = name
+                            yield name, entry
+                    break
+                except StoreUnavailable as e:
+                    if not page.body_broke or attempt == _PAGE_READS:
+                        raise
+                    log.warning("a List Blobs answer broke off (%s); reading that page again", e)
+            if not page.marker:
+                return
+            marker = page.marker
+
+    def _read_page(self, url: str, page: _Page) -> Iterator[tuple[str, Listed]]:
+        """One List Blobs page, parsed as its body streams in; its NextMarker lands in `page`.
+
+        Not read whole first: azure-core would also parse a whole (non-streamed) XML answer into
+        a tree of its own, ~45 MiB for a 5,000-entry page (4 MiB of XML), where this holds one
+        <Blob> at a time.
+        """
+        response = self._call(lambda: azure_sdk_private.send(self.container, "GET", url, stream=True))
+        try:
             if response.status_code != 200:
+                body = self._call(response.read)
                 raise _listing_error(response.status_code, body, response.headers)
-            # Parsed as a stream, each <Blob> dropped once read: a whole 5,000-entry page as a
-            # tree is ~40 MiB, and listings run several at a time.
-            marker = ""
-            try:
-                # The SDK parses every answer with this same parser; expat >= 2.4 caps entity
-                # expansion, and the body comes from the storage endpoint over TLS.
-                for _event, elem in ET.iterparse(io.BytesIO(body), events=("end",)):  # noqa: S314
+            parser = ET.XMLPullParser(events=("end",))
+            chunks = response.iter_bytes()
+            while True:
+                page.body_broke = True
+                chunk = self._call(lambda: next(chunks, None))
+                page.body_broke = False
+                if chunk is None:
+                    parser.close()
+                else:
+                    parser.feed(chunk)
+                for _event, elem in parser.read_events():
                     if elem.tag == "Blob":
                         entry = _listed(elem)
                         elem.clear()
                         if entry is not None:
                             yield entry
                     elif elem.tag == "NextMarker":
-                        marker = elem.text or ""
-            except ET.ParseError as e:
-                raise StoreUnavailable(f"List Blobs answered malformed XML: {e}", outage=False) from e
-            if not marker:
-                return
+                        page.marker = elem.text or ""
+                if chunk is None:
+                    return
+        except ET.ParseError as e:
+            raise StoreUnavailable(f"List Blobs answered malformed XML: {e}", outage=False) from e
+        finally:
+            response.close()
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -525,6 +557,22 @@ def _fast_put(config: Config, store: AzureBlobStore, pool_size: int, proxies: di
     except ValueError as e:
         log.debug("small files go through the SDK: %s", e)
         return None
+
+
+# Reads of one listing page whose answer broke off mid-body (the pipeline retries a request that
+# fails before its answer; a streamed body is read after the pipeline has returned).
+_PAGE_READS = 3
+
+
+class _Page:
+    """What reading one listing page leaves behind: its NextMarker, and whether it failed while
+    its body was being read (worth reading again) rather than being refused or unparseable."""
+
+    __slots__ = ("body_broke", "marker")
+
+    def __init__(self) -> None:
+        self.marker = ""
+        self.body_broke = False
 
 
 def _listed(blob: ET.Element) -> tuple[str, Listed] | None:

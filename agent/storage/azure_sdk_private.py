@@ -36,15 +36,18 @@ def api_version(client: ContainerClient | BlobClient) -> str:
     return client.api_version
 
 
-def send(container: ContainerClient, method: str, url: str, headers: dict[str, str] | None = None) -> Any:
-    """Send a hand-built request through the container client's pipeline; the raw HttpResponse.
+def send(
+    container: ContainerClient, method: str, url: str, headers: dict[str, str] | None = None, stream: bool = False
+) -> Any:
+    """Send a hand-built request through the container client's pipeline; the raw HttpResponse
+    (with `stream`, its body unread: read it with iter_bytes() or read(), then close() it).
 
     The pipeline adds the authorization, x-ms-date and x-ms-client-request-id; x-ms-version is
     set by each generated operation, not by a policy, so it is added here from the client.
     """
     pipeline = container._client._client  # noqa: SLF001 - azure.core PipelineClient of this container
     request = HttpRequest(method, url, headers={"x-ms-version": api_version(container), **(headers or {})})
-    return pipeline.send_request(request)
+    return pipeline.send_request(request, stream=stream)
 
 
 def download(blob: BlobClient, offset: int, length: int, etag: str, **options: Any) -> Any:

@@ -36,13 +36,14 @@ class _Recorder(requests.adapters.BaseAdapter):
         super().__init__()
         self.status, self.headers, self.body = status, headers or {}, body
         self.sent: list[requests.PreparedRequest] = []
+        self.raw_type: type[io.BytesIO] = io.BytesIO
 
     def send(self, request, **kwargs):
         self.sent.append(request)
         r = requests.Response()
         r.status_code = self.status
         r.headers = CaseInsensitiveDict({"x-ms-request-id": "rid", **self.headers})
-        r.raw = io.BytesIO(self.body)
+        r.raw = self.raw_type(self.body)
         r.request, r.url = request, request.url
         return r
 
@@ -79,6 +80,29 @@ def test_a_hand_built_request_carries_version_date_request_id_and_authorization(
     assert sent.headers["x-ms-date"].endswith("GMT")
     assert sent.headers["x-ms-client-request-id"]
     assert sent.headers["Authorization"].startswith(f"SharedKey {ACCOUNT_NAME}:")
+
+
+class _CountingBody(io.BytesIO):
+    reads = 0
+
+    def read(self, *args):
+        type(self).reads += 1
+        return super().read(*args)
+
+
+def test_a_streamed_hand_built_request_leaves_its_body_to_be_read_in_pieces() -> None:
+    """The listing reads each page as it streams in (agent.storage.azure_blob._read_page): with
+    stream=True the pipeline must neither read the body nor parse its XML into a tree."""
+    body = b"<EnumerationResults>" + b"<Blob><Name>x</Name></Blob>" * 2000 + b"</EnumerationResults>"
+    rec = _Recorder(200, {"Content-Type": "application/xml"}, body)
+    rec.raw_type = _CountingBody
+    container = _service(rec).get_container_client("c")
+    _CountingBody.reads = 0
+    response = azure_sdk_private.send(container, "GET", f"{container.url}?restype=container&comp=list", stream=True)
+    assert _CountingBody.reads == 0, "the pipeline read a streamed body"
+    chunks = list(response.iter_bytes())
+    response.close()
+    assert b"".join(chunks) == body and len(chunks) > 1, len(chunks)
 
 
 def test_the_per_block_md5_reaches_the_wire_as_content_md5() -> None:

@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Memory of the commands that read the whole library, this code beside an earlier revision.
+
+`migrate --dry-run` (state kept, and state lost: it lists), `migrate` with nothing to do and
+`verify --all` each hold something per file: walk results, state rows, the container listing.
+This measures their peak RSS and wall time at several library sizes, each command run by the
+code of this checkout and by the code of `--baseline` (a git revision, its `agent/` unpacked
+into the work directory) against the same Azurite container, state and files, alternating, so
+the ratio is this code's against the earlier one's on the same machine in the same minutes.
+
+The container is filled straight with Put Blob (the agent's names, Content-MD5 and sha256
+metadata, as an upload writes them), not through `migrate`: Azurite's in-memory store slows
+with every blob it holds (about 350 puts/s empty, 30/s at 40,000), and the agent's own upload
+is not what is measured here. Each size's library is the first N files of the walk, as hard
+links (same inode, size and mtime), and its state is built by a `migrate` of this code that
+finds every file already in Blob (it verifies and records them; nothing is sent).
+
+    .venv/bin/python bench/listing_memory.py --sizes 10000,40000 --baseline d8e84bc \\
+        --out bench/results/listing-memory
+
+`--run DIR` reuses the Azurite and MariaDB of an earlier `--hold` run (its agent.env and
+filled container) instead of starting and filling new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from azure.storage.blob import BlobServiceClient, ContentSettings  # noqa: E402
+from migrate_bench import agent_config, cpu_model, make_library  # noqa: E402
+
+from agent import config as agent_config_module  # noqa: E402
+from agent.actions.migrate import _walk  # noqa: E402
+from agent.scan import ScanReport  # noqa: E402
+from tests.support.azurite import Azurite  # noqa: E402
+from tests.support.mariadb import MariaDB  # noqa: E402
+from tests.support.rusage import measure  # noqa: E402
+
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+MAIN = "import sys; from agent.cli import main; sys.exit(main())"
+COMMANDS = (
+    ("dry run, state kept", "sub", ("migrate", "--dry-run")),
+    ("dry run, state lost (lists)", "lost", ("migrate", "--dry-run")),
+    ("migrate, nothing to do", "sub", ("migrate", "--no-progress")),
+    ("verify --all", "sub", ("verify", "--all", "--no-progress")),
+)
+
+
+def walk(env_file: Path) -> list[tuple[str, Path]]:
+    """(blob name, path) of every file of the configured roots, in the agent's walk order."""
+    config = agent_config_module.load(env_file, environ={})
+    return [(mf.blob_name, mf.path) for mf, _st in _walk(config.roots, ScanReport())]
+
+
+def fill(connection_string: str, files: list[tuple[str, Path]]) -> float:
+    """Put every file into container `agent` as the agent stores it; seconds taken."""
+    container = BlobServiceClient.from_connection_string(connection_string).get_container_client("agent")
+
+    def put(item: tuple[str, Path]) -> None:
+        name, path = item
+        data = path.read_bytes()
+        container.upload_blob(
+            name,
+            data,
+            overwrite=True,
+            metadata={"sha256": hashlib.sha256(data).hexdigest()},
+            content_settings=ContentSettings(content_md5=hashlib.md5(data).digest()),  # noqa: S324 - Content-MD5
+        )
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        for done, _ in enumerate(pool.map(put, files), 1):
+            if done % 5000 == 0:
+                print(f"filled {done:,} blobs in {time.monotonic() - started:.0f} s", flush=True)
+    return time.monotonic() - started
+
+
+def unpack_agent(rev: str, dest: Path) -> Path:
+    """The `agent/` package of revision `rev`, unpacked under dest (what PYTHONPATH points at)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "agent"], check=True, capture_output=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+def sub_library(files: list[tuple[str, Path]], n: int, run: Path, base_env: Path) -> tuple[Path, Path]:
+    """Hard links to the first n files, and two configs for them: with a state, and with none."""
+    library = run / f"lib-{n}"
+    for name, path in files[:n]:
+        target = library / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    for root in ("audio", "video"):
+        (library / root).mkdir(parents=True, exist_ok=True)
+    text = base_env.read_text()
+    roots = next(line for line in text.splitlines() if line.startswith("MEDIA_ROOTS="))
+    old = Path(dict(item.split("=", 1) for item in roots.split("=", 1)[1].split(","))["audio"]).parent
+    out = []
+    for tag in ("sub", "lost"):
+        lines = [
+            line
+            for line in text.replace(str(old), str(library)).splitlines()
+            if not line.startswith("GIGHIVE_MEDIA_STATE_DIR=")
+        ]
+        lines.append(f"GIGHIVE_MEDIA_STATE_DIR={run / f'state-{n}-{tag}'}")
+        path = run / f"{tag}-{n}.env"
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
+        out.append(path)
+    return out[0], out[1]
+
+
+def run_agent(code: Path, env_file: Path, args: tuple[str, ...], log: Path) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "MEDIA_", "MYSQL_", "UPLOAD_"))}
+    env["PYTHONPATH"] = str(code)
+    # -P: the working directory (this checkout, often) must not shadow PYTHONPATH's agent/.
+    u = measure([PYTHON, "-P", "-c", MAIN, "--config", str(env_file), "--json", *args], env, log)
+    return {"exit": u.exit, "wall_s": round(u.wall, 2), "max_rss_mib": round(u.maxrss_kib / 1024, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10000,40000", help="library sizes, comma-separated")
+    ap.add_argument("--baseline", default="d8e84bc", help="git revision whose agent/ is measured beside this one")
+    ap.add_argument("--reps", type=int, default=2, help="runs of each command by each code at each size")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gighive-listing-memory")
+    ap.add_argument("--run", type=Path, help="reuse this run directory's live Azurite, MariaDB and container")
+    ap.add_argument("--hold", action="store_true", help="keep Azurite and MariaDB up afterwards, until RUN/stop exists")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "listing-memory")
+    args = ap.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    load_at_start = os.getloadavg()
+    args.work.mkdir(parents=True, exist_ok=True)
+    services: list[object] = []
+    try:
+        if args.run is not None:
+            run = args.run
+            base_env = run / "agent.env"
+            files = walk(base_env)
+            filled_s = None
+        else:
+            run = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
+            library = args.work / f"library-{sizes[-1]}-{args.seed}"
+            if not library.exists():
+                make_library(library, sizes[-1], 0, args.seed)
+            azurite = Azurite(run / "azurite", in_memory=True).start()
+            services.append(azurite)
+            db = MariaDB(run / "mariadb").start()
+            services.append(db)
+            BlobServiceClient.from_connection_string(azurite.connection_string).create_container("agent")
+            base_env = agent_config(run / "agent.env", azurite, db, "agent", library, run / "state", 8)
+            exe = str(REPO / ".venv" / "bin" / "gighive-media")
+            subprocess.run([exe, "--config", str(base_env), "db-migrate"], check=True, capture_output=True)
+            files = walk(base_env)
+            filled_s = round(fill(azurite.connection_string, files[: sizes[-1]]), 1)
+        if len(files) < sizes[-1]:
+            raise SystemExit(f"the library has {len(files)} files, fewer than {sizes[-1]}")
+        codes = {
+            "baseline": unpack_agent(args.baseline, run / f"baseline-{args.baseline}"),
+            "this": REPO,
+        }
+        results: list[dict[str, object]] = []
+        for n in sizes:
+            sub, lost = sub_library(files, n, run, base_env)
+            adopt = run_agent(REPO, sub, ("migrate", "--no-progress"), run / f"adopt-{n}.log")
+            if adopt["exit"] != 0:
+                raise SystemExit(f"building the state of {n} files failed; see {run / f'adopt-{n}.log'}")
+            for label, which, argv in COMMANDS:
+                env_file = sub if which == "sub" else lost
+                for rep in range(args.reps):
+                    for code_name, code in codes.items():
+                        log = run / f"{n}-{label.replace(' ', '_')}-{code_name}-{rep}.log"
+                        r = run_agent(code, env_file, argv, log)
+                        if r["exit"] != 0:
+                            raise SystemExit(f"{label} ({code_name}) exited {r['exit']}; see {log}")
+                        results.append({"files": n, "command": label, "code": code_name, "rep": rep + 1, **r})
+                        print(json.dumps(results[-1]), flush=True)
+    finally:
+        if args.hold and services:
+            print(f"holding until {run / 'stop'} exists", flush=True)
+            while not (run / "stop").exists():
+                time.sleep(5)
+        for s in reversed(services):
+            s.stop()  # type: ignore[attr-defined]
+
+    summary = {
+        "date": time.strftime("%Y-%m-%d"),
+        "baseline": args.baseline,
+        "head": subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "python": platform.python_version(),
+            "load_at_start": list(load_at_start),
+        },
+        "fill_seconds": filled_s,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [
+        f"# Peak RSS of the whole-library commands: {summary['head']} beside {args.baseline}",
+        "",
+        f"machine: {os.cpu_count()} CPUs ({cpu_model()}), load average {load_at_start[0]:.2f} at the start; "
+        f"{args.reps} run(s) of each, alternating; MiB is the highest peak RSS of the runs, s the median wall time",
+        "",
+        f"| files | command | {args.baseline} MiB | this MiB | ratio | {args.baseline} s | this s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for n in sizes:
+        for label, _which, _argv in COMMANDS:
+
+            def pick(code: str, key: str, n: int = n, label: str = label) -> list[float]:
+                return sorted(
+                    float(r[key]) for r in results if r["files"] == n and r["command"] == label and r["code"] == code
+                )
+
+            b, t = max(pick("baseline", "max_rss_mib")), max(pick("this", "max_rss_mib"))
+            bw, tw = pick("baseline", "wall_s"), pick("this", "wall_s")
+            walls = f"{bw[len(bw) // 2]:.1f} | {tw[len(tw) // 2]:.1f}"
+            lines.append(f"| {n:,} | {label} | {b:.0f} | {t:.0f} | {t / b:.2f} | {walls} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
