@@ -95,7 +95,7 @@ class Transfer:
 
     def upload(self, mf: MediaFile, listed: Listed | None = None) -> TransferResult:
         """Copy one file, verified. `listed` is what a container listing said is already stored
-        under its name (migrate lists the container once instead of asking per file)."""
+        under its name (migrate lists the container once for many files instead of asking per file)."""
         started = time.monotonic()
         fd, st = open_media_file(str(mf.path))
         # A stop gives a transfer in flight a short grace to finish or give up between blocks.

@@ -1,8 +1,9 @@
 """`gighive-media migrate`: move an existing local library to Blob (or, with --to-local, back).
 
 The forward move is the upload path's own work (scan, verified transfer, pointer flip, optional
-eviction) applied to the whole library at once, with one listing of the container up front so
-files already in Blob are hashed locally and compared instead of sent again. Everything is
+eviction) applied to the whole library at once. Files the state has not verified are looked
+up in one listing of the container up front (when there are many), so files already in Blob
+are hashed locally and compared instead of sent again. Everything is
 recorded in the state database as it happens, so an interrupted run (Ctrl-C, kill, reboot)
 simply continues when started again.
 """
