@@ -482,15 +482,20 @@ def concurrent_streams(
             errors.append(f"at {off}: {type(e).__name__}: {e}")
 
     base_rss = rss_kib(pid)
+    ticks = cpu_ticks([pid])
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(one, offsets))
     elapsed = time.perf_counter() - t0
+    # The server's CPU per GB sent: what the read size costs the streams that keep it (players
+    # at their bit rate are never promoted to the fast streams' large reads).
+    server_cpu = (cpu_ticks([pid]) - ticks) / os.sysconf("SC_CLK_TCK") / (n * stream_size / 1e9)
     done.set()
     sampler.join()
     return {
+        "server_cpu_s_per_gb": server_cpu,
         "streams": n,
         "stream_mib": stream_size / MiB,
         "stream_rate_mb_per_s": rate / 1e6,
@@ -654,14 +659,15 @@ def markdown(results: dict) -> str:
     ]
     lines += [
         "| source | streams | MiB each | errors | peak concurrent | aggregate MB/s "
-        "| server RSS before / peak MiB | peak threads | front RSS peak MiB |"
+        "| server RSS before / peak MiB | peak threads | front RSS peak MiB | server CPU s/GB |"
     ]
-    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in results["concurrency"].items():
+        cpu = f"{c['server_cpu_s_per_gb']:.2f}" if "server_cpu_s_per_gb" in c else ""  # not in older results
         lines.append(
             f"| {name} | {c['streams']} | {c['stream_mib']:.0f} | {c['errors']} | {c['concurrent_peak']} | "
             f"{c['aggregate_mb_per_s']:.1f} | {c['rss_before_mib']:.1f} / {c['rss_peak_mib']:.1f} "
-            f"| {c['threads_peak']} | {c.get('front_rss_peak_mib', 0):.1f} |"
+            f"| {c['threads_peak']} | {c.get('front_rss_peak_mib', 0):.1f} | {cpu} |"
         )
     return "\n".join(lines) + "\n"
 

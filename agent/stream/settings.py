@@ -93,8 +93,11 @@ class StreamSettings:
     verified_markers_max: int = 20000
     # How often the running server removes markers of files that changed or went (markers.py).
     verified_sweep_seconds: float = 60.0
-    # Bytes read from Blob per step, and the smaller first step that gets a seek going.
-    chunk_size: int = 64 * 1024
+    # Bytes read from Blob per step, and the smaller first step that gets a seek going. Small:
+    # the streams that keep it are players at their bit rate (a fast stream moves to
+    # fast_chunk_size), for which 16 KiB costs no more CPU per GB than 64 KiB did, and 1,000 of
+    # them hold ~40 MiB less (docs/benchmarks.md, the slow readers).
+    chunk_size: int = 16 * 1024
     first_chunk_size: int = 16 * 1024
     # A Blob stream that reads fast (a download, not a player at its bit rate) moves to a read of
     # this size, which costs less CPU per byte; at most fast_streams of them at once (0 = never),
@@ -168,7 +171,7 @@ def load_settings(config: Config) -> StreamSettings:
         verified_dir=verified_dir,
         verified_markers_max=int(num("STREAM_VERIFIED_MARKERS_MAX", 20000, 16, 10_000_000, integer=True)),
         verified_sweep_seconds=float(num("STREAM_VERIFIED_SWEEP_SECONDS", 60.0, 1.0, 86400.0)),
-        chunk_size=r.size("STREAM_CHUNK_SIZE", 64 * 1024, 4 * 1024, 16 * 1024 * 1024),
+        chunk_size=r.size("STREAM_CHUNK_SIZE", 16 * 1024, 4 * 1024, 16 * 1024 * 1024),
         first_chunk_size=r.size("STREAM_FIRST_CHUNK_SIZE", 16 * 1024, 1024, 16 * 1024 * 1024),
         fast_chunk_size=r.size("STREAM_FAST_CHUNK_SIZE", 256 * 1024, 4 * 1024, 16 * 1024 * 1024),
         fast_streams=int(num("STREAM_FAST_STREAMS", 16, 0, 10000, integer=True)),
