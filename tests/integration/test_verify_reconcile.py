@@ -63,6 +63,27 @@ def state_began_long_ago(h: Harness, seconds: float = 2 * STATE_CLOCK_MARGIN) ->
     StateStore.open(h.state_dir).set_meta(BORN_KEY, str(time.time() - seconds))
 
 
+def bit_rot(path) -> None:
+    """Same size, same mtime, same inode, other bytes."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.write(b"\xff\xfe")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def lying_blob(c, name: str, size: int) -> None:
+    """The blob's bytes replaced (same length), its old MD5 and sha256 written back into its
+    properties: only reading it back shows the difference."""
+    bc = c.get_blob_client(name)
+    props = bc.get_blob_properties()
+    bc.upload_blob(bytes(size), overwrite=True, metadata=props.metadata)
+    bc.set_http_headers(
+        ContentSettings(
+            content_type=props.content_settings.content_type, content_md5=props.content_settings.content_md5
+        )
+    )
+
+
 # ---- verify ----------------------------------------------------------------------------------
 
 
@@ -92,12 +113,7 @@ def test_verify_reports_missing_blobs_mismatches_and_local_corruption(harness: H
     missing, replaced, rotten, rewritten = names[:4]
     c.get_blob_client(missing).delete_blob()
     c.get_blob_client(replaced).upload_blob(b"other bytes", overwrite=True)
-    # Bit rot: same size, same mtime, same inode, other bytes.
-    path = local_path(media_roots, rotten)
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.write(b"\xff\xfe")
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bit_rot(local_path(media_roots, rotten))
     # A legitimate rewrite (new mtime) is information, not a failure.
     other = local_path(media_roots, rewritten)
     other.write_bytes(other.read_bytes()[::-1])
@@ -121,16 +137,7 @@ def test_only_readback_catches_a_blob_whose_properties_lie(harness: Harness, med
     files = build_library(media_roots, small=3, large=0)
     harness.cli("migrate", "--evict-local", check=True)
     victim = sorted(n for n in files if n != "audio/README.txt")[0]
-    c = container(harness)
-    bc = c.get_blob_client(victim)
-    props = bc.get_blob_properties()
-    # Same length, other bytes, and the old MD5 and sha256 written back into the properties.
-    bc.upload_blob(bytes(len(files[victim])), overwrite=True, metadata=props.metadata)
-    bc.set_http_headers(
-        ContentSettings(
-            content_type=props.content_settings.content_type, content_md5=props.content_settings.content_md5
-        )
-    )
+    lying_blob(container(harness), victim, len(files[victim]))
     assert harness.cli("verify", "--all").returncode == 0  # evicted: properties are all there is
     r = harness.cli_json("verify", "--all", "--readback")
     assert [p["blob_name"] for p in r["problems"]] == [victim] and r["problems"][0]["verdict"] == "mismatch"
@@ -148,19 +155,8 @@ def test_a_library_past_the_listing_threshold_gets_the_same_verdicts(harness: Ha
     missing, replaced, rotten, lying = names[:4]
     c.get_blob_client(missing).delete_blob()
     c.get_blob_client(replaced).upload_blob(b"other bytes", overwrite=True)
-    path = local_path(media_roots, rotten)
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.write(b"\xff\xfe")
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    bc = c.get_blob_client(lying)
-    props = bc.get_blob_properties()
-    bc.upload_blob(bytes(len(files[lying])), overwrite=True, metadata=props.metadata)
-    bc.set_http_headers(
-        ContentSettings(
-            content_type=props.content_settings.content_type, content_md5=props.content_settings.content_md5
-        )
-    )
+    bit_rot(local_path(media_roots, rotten))
+    lying_blob(c, lying, len(files[lying]))
 
     expected = {missing: "missing_blob", replaced: "mismatch", rotten: "local_corruption"}
     r = harness.cli_json("verify", "--all")

@@ -161,17 +161,7 @@ def test_list_entries_follows_next_marker_and_asks_with_the_version() -> None:
             _page(_blob("video/c.mp4")),
         ]
     )
-    conn = (
-        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
-        f"BlobEndpoint=http://127.0.0.1:9/{ACCOUNT_NAME};"
-    )
-    session = requests.Session()
-    session.mount("http://", adapter)
-    # Only the container client is needed for a listing: the rest of the store stays unbuilt.
-    store = AzureBlobStore.__new__(AzureBlobStore)
-    store.container = ContainerClient.from_connection_string(
-        conn, "media", transport=RequestsTransport(session=session, session_owner=False), retry_total=0
-    )
+    store = _store_over(adapter)
     names = [n for n, _ in store.list_entries("video/")]
     assert names == ["video/a.mp4", "video/b.mp4", "video/c.mp4"]
     assert all(r.headers["x-ms-version"] == store.container.api_version for r in adapter.sent)
@@ -202,6 +192,8 @@ class _BreakingPages(_Pages):
 
 
 def _store_over(adapter: requests.adapters.BaseAdapter) -> AzureBlobStore:
+    """A store whose requests the adapter answers. Only the container client is needed for a
+    listing: the rest of the store stays unbuilt."""
     conn = (
         f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
         f"BlobEndpoint=http://127.0.0.1:9/{ACCOUNT_NAME};"
