@@ -352,6 +352,8 @@ class AzureBlobStore:
             if response.status_code != 200:
                 body = self._call(response.read)
                 raise _listing_error(response.status_code, body, response.headers)
+            # The SDK parses its answers with this same expat parser; expat >= 2.4 caps entity
+            # expansion, and the body comes from the storage endpoint over TLS.
             parser = ET.XMLPullParser(events=("end",))
             chunks = response.iter_bytes()
             while True:
