@@ -252,6 +252,47 @@ def test_migrate_uploads_flips_pointers_and_a_rerun_sends_nothing(
     assert blob_snapshot(h) == etags
 
 
+def test_a_migration_with_many_unverified_files_lists_once_and_sends_none_already_there(
+    harness: Harness, media_roots, tmp_path, monkeypatch
+) -> None:
+    """Past _PROBE_AT_MOST files the state has not verified, migrate lists the container once and
+    keeps what it says of those files: a file already there is hashed and compared, not sent,
+    without even a conditional Put Blob (here the threshold is lowered so a small library takes
+    that path, as a lost state of 100,000 files does). Files the state verified are not listed."""
+    from agent.actions import migrate
+    from agent.storage.azure_blob import AzureBlobStore
+
+    files = build_library(media_roots)
+    harness.cli("migrate", "--no-progress", check=True)
+    etags = blob_snapshot(harness)
+    monkeypatch.setattr(migrate, "_PROBE_AT_MOST", 2)
+    calls: dict[str, list] = {"put": [], "list": []}
+    real_put, real_list = AzureBlobStore.put, AzureBlobStore.list_entries
+
+    def put(self, name, *args, **kwargs):
+        calls["put"].append(name)
+        return real_put(self, name, *args, **kwargs)
+
+    def list_entries(self, prefix="", *args, **kwargs):
+        calls["list"].append(prefix)
+        return real_list(self, prefix, *args, **kwargs)
+
+    monkeypatch.setattr(AzureBlobStore, "put", put)
+    monkeypatch.setattr(AzureBlobStore, "list_entries", list_entries)
+
+    config = harness.config(GIGHIVE_MEDIA_STATE_DIR=str(tmp_path / "lost-state"))
+    result, code = migrate.migrate(config, config.roots, migrate.Options(interactive=False))
+    assert code == 0 and (result["uploaded"], result["already_in_blob"]) == (0, len(files)), result
+    assert calls["list"] and calls["put"] == [], calls
+    assert blob_snapshot(harness) == etags
+
+    # Now the state verified every file: a run with nothing to do asks the container nothing.
+    calls["list"].clear()
+    result, code = migrate.migrate(config, config.roots, migrate.Options(interactive=False))
+    assert code == 0 and result["unchanged_since_earlier_run"] == len(files), result
+    assert calls == {"put": [], "list": []}, calls
+
+
 def test_root_and_limit_bound_the_run(harness: Harness, media_roots) -> None:
     files = build_library(media_roots)
     audio = [n for n in files if n.startswith("audio/")]
