@@ -39,6 +39,8 @@ R = TypeVar("R")
 FAILURES = ("missing_blob", "mismatch", "local_corruption", "unreadable")
 INFO = ("changed_locally", "local_missing")
 
+# At most this many problems are in the result (all of them are in the log).
+_PROBLEMS_REPORTED = 500
 # Below this many files, a HEAD per file is cheaper than listing the prefixes they share.
 _LIST_ABOVE = 200
 
@@ -91,14 +93,16 @@ def run(
 
     try:
         with ThreadPoolExecutor(config.file_concurrency, thread_name_prefix="verify") as pool:
-            # Only the problems are kept: a verdict per file of a 100,000-file library, and a
-            # future per file submitted up front, would hold more than the records themselves.
+            # Only the counts and the problems reported are kept (every problem is logged): a
+            # verdict per file of a 100,000-file library, and a future per file submitted up
+            # front, would hold more than the records themselves.
             for v in _bounded_map(pool, check, enumerate(records), ahead=4 * config.file_concurrency):
                 checked += 1
                 bytes_read += v.bytes_read
                 counts[v.verdict] += 1
                 if v.verdict != "ok":
-                    problems.append({"blob_name": v.blob_name, "verdict": v.verdict, "detail": v.detail})
+                    if len(problems) < _PROBLEMS_REPORTED:
+                        problems.append({"blob_name": v.blob_name, "verdict": v.verdict, "detail": v.detail})
                     _log_problem(v)
     except StoreUnavailable as e:
         outage = str(e)
@@ -111,7 +115,7 @@ def run(
         "sampled": sample is not None,
         "readback": readback,
         "counts": counts,
-        "problems": problems[:500],
+        "problems": problems,
         "bytes_read": bytes_read,
         "duration_s": round(time.monotonic() - started, 3),
         "outage": outage,
