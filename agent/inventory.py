@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from itertools import islice
+from concurrent.futures import ThreadPoolExecutor
 
+from .bounded_map import bounded_map
 from .storage import Listed
 from .storage.azure_blob import AzureBlobStore
 
@@ -52,52 +52,29 @@ def prefixes_for(names: Iterable[str], split_above: int = _SPLIT_ABOVE) -> list[
     return sorted(wanted)
 
 
-def list_prefixes(store: AzureBlobStore, prefixes: Iterable[str], parallel: int = 8) -> dict[str, Listed]:
-    """name -> Listed for every blob under any of the prefixes (read concurrently)."""
-    prefixes = _minimal(prefixes)
-    result: dict[str, Listed] = {}
-    if not prefixes:
-        return result
-    with ThreadPoolExecutor(min(parallel, len(prefixes)), thread_name_prefix="list") as pool:
-        for entries in pool.map(lambda p: list(store.list_entries(p)), prefixes):
-            result.update(entries)
-    return result
-
-
 def iter_listed(
-    store: AzureBlobStore, prefixes: Iterable[str], keep: Callable[[str], bool], parallel: int = 8
+    store: AzureBlobStore, prefixes: Iterable[str], keep: Callable[[str], bool] | None = None, parallel: int = 8
 ) -> Iterator[tuple[str, Listed]]:
-    """(name, Listed) for every blob under any of the prefixes, a prefix's entries at a time as
-    its listing completes (not in name order).
+    """(name, Listed) for every blob under any of the prefixes, in name order, read `parallel`
+    prefixes at a time.
 
-    Only the blobs whose names `keep` accepts: a prefix covers every blob under it, wanted or
-    not (a few new files in a large root list the whole root). For a caller that keeps only a
-    little of each entry: a 100,000-blob listing held whole is ~80 MiB. At most `parallel`
-    prefixes are read or waiting to be taken at once.
+    Only the blobs whose names `keep` accepts (all without it): a prefix covers every blob under
+    it, wanted or not (a few new files in a large root list the whole root). For a caller that
+    keeps only a little of each entry: a 100,000-blob listing held whole is ~80 MiB, and at most
+    twice `parallel` prefixes are read or waiting to be taken at once.
     """
-    pending = iter(_minimal(prefixes))
 
     def read(prefix: str) -> list[tuple[str, Listed]]:
-        return [entry for entry in store.list_entries(prefix) if keep(entry[0])]
+        return [entry for entry in store.list_entries(prefix) if keep is None or keep(entry[0])]
 
     with ThreadPoolExecutor(parallel, thread_name_prefix="list") as pool:
-        running = {pool.submit(read, p) for p in islice(pending, parallel)}
-        while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                if (p := next(pending, None)) is not None:
-                    running.add(pool.submit(read, p))
-                yield from future.result()
+        for entries in bounded_map(pool, read, _minimal(prefixes), ahead=2 * parallel):
+            yield from entries
 
 
 def list_roots(store: AzureBlobStore, roots: Iterable[str]) -> dict[str, Listed]:
     """Every blob under the roots' prefixes: the complete view reconcile needs."""
-    return list_prefixes(store, [f"{r}/" for r in roots], parallel=4)
-
-
-def list_for(store: AzureBlobStore, names: Iterable[str]) -> dict[str, Listed]:
-    """At least every blob among `names` (and whatever else shares their prefixes)."""
-    return list_prefixes(store, prefixes_for(names))
+    return dict(iter_listed(store, [f"{r}/" for r in roots], parallel=4))
 
 
 def _minimal(prefixes: Iterable[str]) -> list[str]:

@@ -347,16 +347,7 @@ class StateStore:
             args = tuple(roots)
             sql += f" WHERE root IN ({','.join('?' * len(args))})"
         names = {s: s for s in STATES}
-        out: dict[str, tuple] = {}
-        with self._lock:
-            try:
-                cursor = self._db.execute(sql, args)
-                while rows := cursor.fetchmany(2000):
-                    for r in rows:
-                        out[r[0]] = (names.get(r[1], r[1]), r[2], r[3], r[4], r[5])
-            except sqlite3.Error as e:
-                raise StateError(f"state database {self.path}: {e}") from e
-        return out
+        return dict(self._rows_as(lambda r: (r[0], (names.get(r[1], r[1]), r[2], r[3], r[4], r[5])), sql, args))
 
     def counts(self, roots: Collection[str] | None = None) -> dict[str, int]:
         sql, args = "SELECT state, COUNT(*) AS n FROM files", ()

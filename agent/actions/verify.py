@@ -14,12 +14,10 @@ import logging
 import os
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
+from ..bounded_map import bounded_map
 from ..config import Config, MediaRoot
 from ..errors import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE
 from ..inventory import iter_listed, prefixes_for
@@ -31,9 +29,6 @@ from ..storage import Listed, StoreUnavailable
 from ..storage.azure_blob import AzureBlobStore
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 # Verdicts; the first three are failures, the others information.
 FAILURES = ("missing_blob", "mismatch", "local_corruption", "unreadable")
@@ -96,7 +91,7 @@ def run(
             # Only the counts and the problems reported are kept (every problem is logged): a
             # verdict per file of a 100,000-file library, and a future per file submitted up
             # front, would hold more than the records themselves.
-            for v in _bounded_map(pool, check, enumerate(records), ahead=4 * config.file_concurrency):
+            for v in bounded_map(pool, check, enumerate(records), ahead=4 * config.file_concurrency):
                 checked += 1
                 bytes_read += v.bytes_read
                 counts[v.verdict] += 1
@@ -132,17 +127,6 @@ def run(
     if outage is not None:
         return result, EXIT_UNAVAILABLE
     return result, EXIT_FAILURE if failed else EXIT_OK
-
-
-def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
-    """pool.map, in order, with at most `ahead` calls submitted but not yet taken."""
-    pending: deque[Future[R]] = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def _log_problem(v: Verdict) -> None:
