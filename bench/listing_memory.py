@@ -260,7 +260,8 @@ def main() -> int:
     lines = [
         f"# Peak RSS of the whole-library commands: {summary['head']} beside {args.baseline}",
         "",
-        f"machine: {os.cpu_count()} CPUs ({cpu_model()}), load average {load_at_start[0]:.2f} at the start; "
+        f"machine: {os.cpu_count()} CPUs ({cpu_model()}), load average {load_at_start[0]:.2f} at the start, "
+        f"{summary['load_at_end'][0]:.2f} at the end (1 min); "
         f"{args.reps} run(s) of each, alternating; MiB is the highest peak RSS of the runs, s the median wall time; "
         f"container: {summary['fill']}",
         "",
