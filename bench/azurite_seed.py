@@ -12,6 +12,9 @@ with one document per file (the agent's name, Content-Length, Content-MD5, ETag,
 metadata sha256, BlockBlob, Hot, all copied from the template's shape) and the extent collection
 with one extent per blob, whose file under `__blobstorage__/` is a hard link to the library file
 (zero bytes copied, the blob's bytes are the file's; a copy when linking is not possible). The
+link is safe for the library: Azurite only reads an extent it did not create (it appends new data
+to new extents of its own), and its garbage collector, if it ever dropped one, would unlink only
+the link. The
 binary indices are written sorted as LokiJS would sort them. Only the loading is skipped:
 afterwards Azurite loads this store and serves every List Blobs, Get Blob and Get Blob
 Properties of the measurement itself. `check` proves that through the HTTP API.
