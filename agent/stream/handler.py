@@ -6,6 +6,7 @@ The same code path answers for local files and for blobs; only the body transpor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -144,23 +145,25 @@ class StreamBuffer:
         self._sent = 0
         self._judge = large is not None
 
-    def sent(self, n: int) -> None:
-        """Count n bytes written; may swap in the large buffer (self.view then changes)."""
+    def sent(self, n: int) -> bool:
+        """Count n bytes written; may swap in the large buffer (self.view then changes). True
+        when it just did: the stream is now a fast one."""
         self._sent += n
         if not self._judge or self._sent < FAST_STREAM_AFTER_BYTES:
-            return
+            return False
         elapsed = time.monotonic() - self._started
         if self._sent < FAST_STREAM_BYTES_PER_SECOND * elapsed:
             if elapsed > 1.0:
                 self._judge = False  # a stream at a player's pace: do not look again
-            return
+            return False
         self._judge = False  # one try: when all large buffers are taken, stay small
         large = self._large.get() if self._large is not None else None
         if large is None:
-            return
+            return False
         self._release()
         self._pool, self._buf = self._large, large  # type: ignore[assignment]
         self.view = memoryview(large)
+        return True
 
     def _release(self) -> None:
         self.view.release()
@@ -180,6 +183,41 @@ class Output:
         self.head_sent = False
         self.broken = False
         self.sent = 0  # bytes written to this connection
+        self._sndbuf: int | None = None  # the socket's own send buffer while widened
+
+    def widen(self, size: int) -> None:
+        """A larger send buffer on the front's unix socket, for a fast stream only.
+
+        Each hop of a download reads ahead only as far as its buffers reach: Azure's TCP window,
+        this server's read, the unix socket to the front, the front's proxy buffers. The socket's
+        default (net.core.wmem_default, 208 KiB) makes the server stop and wait for the front
+        every few reads, and on a 2-core host every wait is a context switch the front and Azure
+        pay for too; with more room both run longer bursts (docs/benchmarks.md: through nginx
+        0.74 to 0.78 x direct Azurite on a busy machine, less CPU per GB). Kernel memory, used
+        only while the front lags: Linux doubles the request and caps it at net.core.wmem_max
+        (stock Ubuntu: 2 x 208 KiB), and at most STREAM_FAST_STREAMS streams are fast at once.
+        A TCP connection keeps its default: setting SO_SNDBUF there turns off the kernel's
+        autotuning, which already grows it to what the path needs."""
+        if self.conn.family != socket.AF_UNIX or self._sndbuf is not None:
+            return
+        try:
+            # getsockopt reports the doubled figure the kernel keeps; narrow() asks for half.
+            default = self.conn.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2
+            if size <= default:
+                return  # a small STREAM_FAST_CHUNK_SIZE: never less room than the default
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            self._sndbuf = default
+        except OSError:
+            pass
+
+    def narrow(self) -> None:
+        """The socket's default again at the end of the answer: the connection stays open for the
+        front's next request, likely a player's, whose backlog should not sit in the kernel."""
+        if self._sndbuf is None:
+            return
+        with contextlib.suppress(OSError):
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+        self._sndbuf = None
 
     def send(self, data: bytes | memoryview) -> None:
         if not data:
@@ -500,7 +538,8 @@ class Handler:
                     reader = obj.reader(first, last - first + 1)
                 while n := reader.readinto(buf.view):
                     out.send(buf.view[:n])
-                    buf.sent(n)
+                    if buf.sent(n):
+                        out.widen(self.settings.fast_chunk_size)
                 reader.close()
                 reader = None
             if multipart:
@@ -510,6 +549,7 @@ class Handler:
                 # Closing the reader closes its Azure connection: the download stops now.
                 reader.close()
             buf.close()
+            out.narrow()
 
     def _log_done(self, req: Request, media: MediaFile, obj: OpenObject, status: int, sent: int, via: str = "") -> None:
         log.debug(

@@ -1,7 +1,10 @@
 """The read buffers of Blob streams: small by default, a bounded number of large ones for fast
-streams. Pure logic with a fake clock: nothing here depends on how fast the machine is."""
+streams, and the socket room a fast one gets. Pure logic with a fake clock (and real sockets for
+the room): nothing here depends on how fast the machine is."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -45,8 +48,10 @@ def test_a_fast_stream_moves_to_the_large_buffer(clock: Clock) -> None:
     buf = StreamBuffer(small, large)
     assert len(buf.view) == SMALL
     clock.now += 0.01  # 1 MiB in 10 ms: far above any media bit rate
-    buf.sent(FAST_STREAM_AFTER_BYTES)
+    assert buf.sent(FAST_STREAM_AFTER_BYTES), "it says when the stream became fast"
     assert len(buf.view) == LARGE
+    clock.now += 0.01
+    assert not buf.sent(FAST_STREAM_AFTER_BYTES), "and says it once"
     buf.close()
     # Both buffers are back in their pools for the next stream.
     assert small.get() is not None and large.get() is not None and large.get() is not None
@@ -57,7 +62,7 @@ def test_a_stream_at_a_players_pace_keeps_the_small_buffer(clock: Clock) -> None
     buf = StreamBuffer(small, large)
     for _ in range(40):
         clock.now += 1.0
-        buf.sent(1_000_000)  # 1 MB/s
+        assert not buf.sent(1_000_000)  # 1 MB/s
     assert len(buf.view) == SMALL
     buf.close()
     assert large.get() is not None and large.get() is not None  # none was taken
@@ -76,9 +81,9 @@ def test_large_buffers_are_bounded_whatever_the_number_of_fast_streams(clock: Cl
     small, large = pools(limit=2)
     streams = [StreamBuffer(small, large) for _ in range(5)]
     clock.now += 0.01
-    for s in streams:
-        s.sent(int(FAST_STREAM_BYTES_PER_SECOND * 0.01) + FAST_STREAM_AFTER_BYTES)
+    became_fast = [s.sent(int(FAST_STREAM_BYTES_PER_SECOND * 0.01) + FAST_STREAM_AFTER_BYTES) for s in streams]
     assert sorted(len(s.view) for s in streams) == [SMALL, SMALL, SMALL, LARGE, LARGE]
+    assert became_fast.count(True) == 2, "only a stream that got a large buffer counts as fast"
     for s in streams:
         s.close()
 
@@ -127,8 +132,17 @@ class FakeOut:
         self.head_sent = True
         self.body += first_body
 
+        self.widened: list[int] = []
+        self.narrowed = 0
+
     def send(self, data: bytes | memoryview) -> None:
         self.body += data
+
+    def widen(self, size: int) -> None:
+        self.widened.append(size)
+
+    def narrow(self) -> None:
+        self.narrowed += 1
 
 
 @pytest.mark.parametrize("fast_streams", [0, 1])
@@ -146,5 +160,54 @@ def test_the_bytes_are_the_same_when_a_stream_changes_buffers_midway(clock: Cloc
     assert bytes(out.body) == b"".join(data[a : b + 1] for a, b in parts)
     if fast_streams:
         assert h.fast_buffers is not None and h.fast_buffers._free, "the large buffer was used and given back"
+        assert out.widened == [settings.fast_chunk_size], "the fast stream's socket got more room, once"
     else:
         assert h.fast_buffers is None
+        assert out.widened == []
+    assert out.narrowed == 1, "and the connection's next answer starts from the default"
+
+
+def test_a_unix_socket_is_widened_for_a_fast_stream_and_narrowed_after() -> None:
+    import socket
+
+    from agent.stream.handler import Output, Stats
+    from agent.stream.settings import StreamSettings
+
+    ours, front = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, front:
+        out = Output(ours, StreamSettings(), Stats())
+        default = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        wanted = default  # getsockopt gave the doubled figure: this asks for twice the default
+        out.widen(wanted)
+        # Linux doubles the request, capped at net.core.wmem_max.
+        cap = int(Path("/proc/sys/net/core/wmem_max").read_text())
+        widened = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert widened == 2 * min(wanted, cap) and widened > default
+        out.widen(4 * wanted)
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == widened, "widened once per answer"
+        out.narrow()
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+        out.narrow()  # nothing to undo: harmless
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+        out.widen(default // 4)  # less than the default: never shrinks it
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+        out.narrow()
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == default
+
+
+def test_a_tcp_connection_keeps_the_kernels_autotuned_buffer() -> None:
+    import socket
+
+    from agent.stream.handler import Output, Stats
+    from agent.stream.settings import StreamSettings
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()):
+        ours, _ = listener.accept()
+        with ours:
+            out = Output(ours, StreamSettings(), Stats())
+            before = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            out.widen(1024 * 1024)
+            assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
+            out.narrow()
+            assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
