@@ -200,24 +200,30 @@ def rss_bytes() -> int:
 
 
 def listing_entry_bytes(env_file: Path) -> dict[str, object]:
-    """What one entry of list_roots' dict (a Listed and its name key) costs, in this process.
+    """What one entry of list_roots' dict (a Listed and its name key) costs; run by `--entry-cost`
+    in a fresh process, so that no memory freed earlier is there for the listing to reuse.
 
     Measured twice over the same container: the RSS growth while the dict is built and kept
-    (what the operating system sees, allocator slack included), and tracemalloc's count of the
-    bytes still allocated once the dict is built (Python objects only). The sys.getsizeof parts
-    of one entry say where the bytes go.
+    (what the operating system sees, allocator slack and the listing threads included), and
+    tracemalloc's count of the bytes still allocated once it is built (Python objects only).
+    The sys.getsizeof parts of one entry say where the bytes go. Then, by tracemalloc, the other
+    per-file collections reconcile and the way back hold beside the listing: the walk's stats,
+    the state's records and the DB pointers, so the listing's share of their peak can be read.
     """
     import gc
     import tracemalloc
 
     from agent.inventory import list_roots
+    from agent.pointer import PointerDB
+    from agent.scan import walk_root
+    from agent.state import StateStore
     from agent.storage.azure_blob import AzureBlobStore
 
     config = agent_config_module.load(env_file, environ={})
     store = AzureBlobStore(config)
     names = [r.name for r in config.roots]
-    # Warm (the SDK's modules, the connection) on one page only: a whole listing built and freed
-    # first would leave its memory to the allocator, and the growth measured next would reuse it.
+    # Warm (the SDK's modules, the connection) on one small page only: a whole listing built and
+    # freed first would leave its memory to the allocator, and the growth measured next would reuse it.
     next(store.list_entries(f"{names[0]}/", page_size=10), None)
     gc.collect()
     before = rss_bytes()
@@ -237,23 +243,56 @@ def listing_entry_bytes(env_file: Path) -> dict[str, object]:
     }
     del listing, name, entry, fields
     gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    listing = list_roots(store, names)
-    held, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    del listing
+
+    def traced(build) -> tuple[int, int]:
+        """(bytes held once built, entries) of what build() returns, by tracemalloc."""
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        built = build()
+        held = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        return held, len(built)
+
+    state = StateStore.open_readonly(config.state_dir)
+    db = PointerDB(config.mysql)
+    try:
+        others = {
+            "listing (list_roots)": traced(lambda: list_roots(store, names)),
+            "walk: blob name -> os.stat_result (reconcile)": traced(
+                lambda: {mf.blob_name: st for root in config.roots for mf, st in walk_root(root, ScanReport())}
+            ),
+            "state: blob name -> FileRecord": traced(lambda: {r.blob_name: r for r in state.records()}),
+            "DB: path -> Location": traced(db.locations),
+        }
+    finally:
+        state.close()
+        db.close()
+    held = others["listing (list_roots)"][0]
     return {
         "entries": count,
         "list_seconds": round(wall, 1),
         "rss_growth_mib": round(rss_growth / 2**20, 1),
         "rss_bytes_per_entry": round(rss_growth / count),
-        "traced_held_mib": round((held - base) / 2**20, 1),
-        "traced_bytes_per_entry": round((held - base) / count),
-        "traced_peak_mib": round((peak - base) / 2**20, 1),
+        "traced_held_mib": round(held / 2**20, 1),
+        "traced_bytes_per_entry": round(held / count),
         "getsizeof_parts": parts,
         "getsizeof_bytes_per_entry": round(sum(parts.values())),
+        "per_file_collections": {
+            k: {"entries": c, "mib": round(b / 2**20, 1), "bytes_per_entry": round(b / max(c, 1))}
+            for k, (b, c) in others.items()
+        },
     }
+
+
+def entry_cost_in_child(env_file: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [PYTHON, str(Path(__file__).resolve()), "--entry-cost", str(env_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -275,7 +314,11 @@ def main() -> int:
         help=f"which commands, comma-separated, of {', '.join(COMMANDS)} (default {DEFAULT_COMMANDS}); "
         f"{' and '.join(LISTING_COMMANDS)} are dry runs that hold the whole container listing",
     )
+    ap.add_argument("--entry-cost", type=Path, help=argparse.SUPPRESS)  # the child entry_cost_in_child starts
     args = ap.parse_args()
+    if args.entry_cost is not None:
+        print(json.dumps(listing_entry_bytes(args.entry_cost)))
+        return 0
     sizes = sorted(int(s) for s in args.sizes.split(","))
     chosen = [c.strip() for c in args.commands.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in COMMANDS]
@@ -341,7 +384,7 @@ def main() -> int:
                         print(json.dumps(results[-1]), flush=True)
         if any(key in LISTING_COMMANDS for key in chosen):
             # At the largest size, against the same container, while Azurite still runs.
-            entry_cost = listing_entry_bytes(sub)  # sub: the largest size's config, from the last round
+            entry_cost = entry_cost_in_child(sub)  # sub: the largest size's config, from the last round
             print(json.dumps({"listing_entry": entry_cost}), flush=True)
     finally:
         if args.hold and services:
@@ -400,11 +443,18 @@ def main() -> int:
         lines += [
             "",
             f"one entry of list_roots' dict (a Listed and its name key), {entry_cost['entries']:,} entries, "
-            f"in one process: {entry_cost['traced_bytes_per_entry']} bytes by tracemalloc "
+            f"measured in a fresh process: {entry_cost['traced_bytes_per_entry']} bytes by tracemalloc "
             f"({entry_cost['traced_held_mib']} MiB held), {entry_cost['rss_bytes_per_entry']} bytes of RSS growth "
-            f"({entry_cost['rss_growth_mib']} MiB), {entry_cost['getsizeof_bytes_per_entry']} by sys.getsizeof "
-            f"of its parts {entry_cost['getsizeof_parts']}",
+            f"({entry_cost['rss_growth_mib']} MiB), {entry_cost['getsizeof_bytes_per_entry']} "
+            f"by sys.getsizeof of its parts {entry_cost['getsizeof_parts']}",
+            "",
+            "the per-file collections reconcile and the way back hold, each built alone (tracemalloc):",
+            "",
+            "| collection | entries | MiB | bytes each |",
+            "|---|---:|---:|---:|",
         ]
+        for what, c in entry_cost["per_file_collections"].items():  # type: ignore[union-attr]
+            lines.append(f"| {what} | {c['entries']:,} | {c['mib']} | {c['bytes_per_entry']} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
