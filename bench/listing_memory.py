@@ -65,12 +65,21 @@ from tests.support.rusage import measure  # noqa: E402
 
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 MAIN = "import sys; from agent.cli import main; sys.exit(main())"
-COMMANDS = (
-    ("dry run, state kept", "sub", ("migrate", "--dry-run")),
-    ("dry run, state lost (lists)", "lost", ("migrate", "--dry-run")),
-    ("migrate, nothing to do", "sub", ("migrate", "--no-progress")),
-    ("verify --all", "sub", ("verify", "--all", "--no-progress")),
-)
+# name for --commands: (label in the results, which config: "sub" has a state, "lost" none, argv).
+COMMANDS = {
+    "dry-run": ("dry run, state kept", "sub", ("migrate", "--dry-run")),
+    "dry-run-lost": ("dry run, state lost (lists)", "lost", ("migrate", "--dry-run")),
+    "migrate": ("migrate, nothing to do", "sub", ("migrate", "--no-progress")),
+    "verify": ("verify --all", "sub", ("verify", "--all", "--no-progress")),
+    # The two that hold the whole container listing (agent.inventory.list_roots), run only in
+    # their read-only forms: a benchmark must not repair, restore or set the way back's hold.
+    # The way back's dry run (migrate_back.plan) opens the state read-only and needs neither the
+    # units stopped nor a hold, so nothing has to be arranged for it.
+    "reconcile": ("reconcile --dry-run", "sub", ("reconcile", "--dry-run")),
+    "to-local": ("migrate --to-local --dry-run", "sub", ("migrate", "--to-local", "--dry-run")),
+}
+DEFAULT_COMMANDS = "dry-run,dry-run-lost,migrate,verify"
+LISTING_COMMANDS = ("reconcile", "to-local")
 
 
 def walk(env_file: Path) -> list[tuple[str, Path]]:
@@ -160,6 +169,132 @@ def run_agent(code: Path, env_file: Path, args: tuple[str, ...], log: Path) -> d
     return {"exit": u.exit, "wall_s": round(u.wall, 2), "max_rss_mib": round(u.maxrss_kib / 1024, 1)}
 
 
+def json_result(log: Path) -> dict[str, object]:
+    """The --json answer a command printed into its log (after its log lines)."""
+    text = log.read_text()
+    start = text.find("\n{\n") + 1 if not text.startswith("{") else 0
+    return json.JSONDecoder().raw_decode(text[start:])[0]
+
+
+def check_read_only(key: str, log: Path, n: int) -> dict[str, object]:
+    """What a listing command's dry run reported, refused unless it changed nothing and saw every blob.
+
+    A peak RSS is only worth recording for a run that listed the whole container; and a dry run
+    that says it repaired something would mean the library under measurement was altered.
+    """
+    out = json_result(log)
+    if out.get("dry_run") is not True:
+        raise SystemExit(f"{key}: not a dry run according to its own answer; see {log}")
+    if key == "reconcile":
+        if out["blobs"] != n or out["repaired"] != 0 or out["unsafe"] or out["repairs"]:
+            raise SystemExit(f"reconcile --dry-run saw {out['blobs']} blobs, repairs {out['repairs']!r}; see {log}")
+        return {"blobs": out["blobs"], "local_files": out["local_files"], "pointer_rows": out["pointer_rows"]}
+    if out["evicted"] != 0 or out.get("unverifiable"):
+        raise SystemExit(f"migrate --to-local --dry-run would restore {out['evicted']} file(s); see {log}")
+    return {"would_restore": out["evicted"], "left_in_blob": out["left_in_blob"], "unlisted": out["unlisted"]}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def listing_entry_bytes(env_file: Path) -> dict[str, object]:
+    """What one entry of list_roots' dict (a Listed and its name key) costs; run by `--entry-cost`
+    in a fresh process, so that no memory freed earlier is there for the listing to reuse.
+
+    Measured twice over the same container: the RSS growth while the dict is built and kept
+    (what the operating system sees, allocator slack and the listing threads included), and
+    tracemalloc's count of the bytes still allocated once it is built (Python objects only).
+    The sys.getsizeof parts of one entry say where the bytes go. Then, by tracemalloc, the other
+    per-file collections reconcile and the way back hold beside the listing: the walk's stats,
+    the state's records and the DB pointers, so the listing's share of their peak can be read.
+    """
+    import gc
+    import tracemalloc
+
+    from agent.inventory import list_roots
+    from agent.pointer import PointerDB
+    from agent.scan import walk_root
+    from agent.state import StateStore
+    from agent.storage.azure_blob import AzureBlobStore
+
+    config = agent_config_module.load(env_file, environ={})
+    store = AzureBlobStore(config)
+    names = [r.name for r in config.roots]
+    # Warm (the SDK's modules, the connection) on one small page only: a whole listing built and
+    # freed first would leave its memory to the allocator, and the growth measured next would reuse it.
+    next(store.list_entries(f"{names[0]}/", page_size=10), None)
+    gc.collect()
+    before = rss_bytes()
+    started = time.monotonic()
+    listing = list_roots(store, names)
+    wall = time.monotonic() - started
+    rss_growth = rss_bytes() - before
+    count = len(listing)
+    name, entry = next(iter(listing.items()))
+    fields = [entry.size, entry.etag, entry.content_md5, entry.sha256, entry.last_modified]
+    parts = {
+        "name_str": sys.getsizeof(name),
+        "listed_tuple": sys.getsizeof(entry),
+        # Small ints are shared singletons in CPython; a blob's size is not small.
+        "fields": sum(sys.getsizeof(f) for f in fields if f is not None),
+        "dict_slot": round(sys.getsizeof(listing) / count, 1),
+    }
+    del listing, name, entry, fields
+    gc.collect()
+
+    def traced(build) -> tuple[int, int]:
+        """(bytes held once built, entries) of what build() returns, by tracemalloc."""
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        built = build()
+        held = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        return held, len(built)
+
+    state = StateStore.open_readonly(config.state_dir)
+    db = PointerDB(config.mysql)
+    try:
+        others = {
+            "listing (list_roots)": traced(lambda: list_roots(store, names)),
+            "walk: blob name -> os.stat_result (reconcile)": traced(
+                lambda: {mf.blob_name: st for root in config.roots for mf, st in walk_root(root, ScanReport())}
+            ),
+            "state: blob name -> FileRecord": traced(lambda: {r.blob_name: r for r in state.records()}),
+            "DB: path -> Location": traced(db.locations),
+        }
+    finally:
+        state.close()
+        db.close()
+    held = others["listing (list_roots)"][0]
+    return {
+        "entries": count,
+        "list_seconds": round(wall, 1),
+        "rss_growth_mib": round(rss_growth / 2**20, 1),
+        "rss_bytes_per_entry": round(rss_growth / count),
+        "traced_held_mib": round(held / 2**20, 1),
+        "traced_bytes_per_entry": round(held / count),
+        "getsizeof_parts": parts,
+        "getsizeof_bytes_per_entry": round(sum(parts.values())),
+        "per_file_collections": {
+            k: {"entries": c, "mib": round(b / 2**20, 1), "bytes_per_entry": round(b / max(c, 1))}
+            for k, (b, c) in others.items()
+        },
+    }
+
+
+def entry_cost_in_child(env_file: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [PYTHON, str(Path(__file__).resolve()), "--entry-cost", str(env_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,40000", help="library sizes, comma-separated")
@@ -173,8 +308,24 @@ def main() -> int:
     ap.add_argument("--run", type=Path, help="reuse this run directory's live Azurite, MariaDB and container")
     ap.add_argument("--hold", action="store_true", help="keep Azurite and MariaDB up afterwards, until RUN/stop exists")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "listing-memory")
+    ap.add_argument(
+        "--commands",
+        default=DEFAULT_COMMANDS,
+        help=f"which commands, comma-separated, of {', '.join(COMMANDS)} (default {DEFAULT_COMMANDS}); "
+        f"{' and '.join(LISTING_COMMANDS)} are dry runs that hold the whole container listing",
+    )
+    ap.add_argument("--entry-cost", type=Path, help=argparse.SUPPRESS)  # the child entry_cost_in_child starts
     args = ap.parse_args()
+    if args.entry_cost is not None:
+        print(json.dumps(listing_entry_bytes(args.entry_cost)))
+        return 0
     sizes = sorted(int(s) for s in args.sizes.split(","))
+    chosen = [c.strip() for c in args.commands.split(",") if c.strip()]
+    unknown = [c for c in chosen if c not in COMMANDS]
+    if unknown or not chosen:
+        ap.error(f"--commands: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(COMMANDS)}")
+    commands = [(key, *COMMANDS[key]) for key in chosen]
+    entry_cost = None
     load_at_start = os.getloadavg()
     args.work.mkdir(parents=True, exist_ok=True)
     services: list[object] = []
@@ -219,7 +370,7 @@ def main() -> int:
             adopt = run_agent(REPO, sub, ("migrate", "--no-progress"), run / f"adopt-{n}.log")
             if adopt["exit"] != 0:
                 raise SystemExit(f"building the state of {n} files failed; see {run / f'adopt-{n}.log'}")
-            for label, which, argv in COMMANDS:
+            for key, label, which, argv in commands:
                 env_file = sub if which == "sub" else lost
                 for rep in range(args.reps):
                     for code_name, code in codes.items():
@@ -227,8 +378,14 @@ def main() -> int:
                         r = run_agent(code, env_file, argv, log)
                         if r["exit"] != 0:
                             raise SystemExit(f"{label} ({code_name}) exited {r['exit']}; see {log}")
+                        if key in LISTING_COMMANDS:
+                            r["answer"] = check_read_only(key, log, n)
                         results.append({"files": n, "command": label, "code": code_name, "rep": rep + 1, **r})
                         print(json.dumps(results[-1]), flush=True)
+        if any(key in LISTING_COMMANDS for key in chosen):
+            # At the largest size, against the same container, while Azurite still runs.
+            entry_cost = entry_cost_in_child(sub)  # sub: the largest size's config, from the last round
+            print(json.dumps({"listing_entry": entry_cost}), flush=True)
     finally:
         if args.hold and services:
             print(f"holding until {run / 'stop'} exists", flush=True)
@@ -253,6 +410,8 @@ def main() -> int:
         "fill_seconds": filled_s,
         "seed_check": checked,
         "load_at_end": list(os.getloadavg()),
+        "commands": chosen,
+        "listing_entry": entry_cost,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +428,7 @@ def main() -> int:
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for n in sizes:
-        for label, _which, _argv in COMMANDS:
+        for _key, label, _which, _argv in commands:
 
             def pick(code: str, key: str, n: int = n, label: str = label) -> list[float]:
                 return sorted(
@@ -280,6 +439,22 @@ def main() -> int:
             bw, tw = pick("baseline", "wall_s"), pick("this", "wall_s")
             walls = f"{bw[len(bw) // 2]:.1f} | {tw[len(tw) // 2]:.1f}"
             lines.append(f"| {n:,} | {label} | {b:.0f} | {t:.0f} | {t / b:.2f} | {walls} |")
+    if entry_cost is not None:
+        lines += [
+            "",
+            f"one entry of list_roots' dict (a Listed and its name key), {entry_cost['entries']:,} entries, "
+            f"measured in a fresh process: {entry_cost['traced_bytes_per_entry']} bytes by tracemalloc "
+            f"({entry_cost['traced_held_mib']} MiB held), {entry_cost['rss_bytes_per_entry']} bytes of RSS growth "
+            f"({entry_cost['rss_growth_mib']} MiB), {entry_cost['getsizeof_bytes_per_entry']} "
+            f"by sys.getsizeof of its parts {entry_cost['getsizeof_parts']}",
+            "",
+            "the per-file collections reconcile and the way back hold, each built alone (tracemalloc):",
+            "",
+            "| collection | entries | MiB | bytes each |",
+            "|---|---:|---:|---:|",
+        ]
+        for what, c in entry_cost["per_file_collections"].items():  # type: ignore[union-attr]
+            lines.append(f"| {what} | {c['entries']:,} | {c['mib']} | {c['bytes_per_entry']} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
