@@ -49,7 +49,8 @@ class PointerUnavailable(Exception):
     """MySQL cannot be reached or refused the statement."""
 
 
-@dataclass(frozen=True)
+# Slots: reconcile and the way back hold one per pointer row (~1 KiB each with a __dict__).
+@dataclass(frozen=True, slots=True)
 class Location:
     media_path: str
     provider: str
@@ -237,7 +238,11 @@ class PointerDB:
             f"SELECT media_path, provider, container, blob_name, etag, size_bytes, content_md5, content_sha256, "
             f"local_copy FROM `{TABLE}`"
         )
-        return {r[0]: Location(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8])) for r in rows}
+        # blob_name is media_path for every row the agent writes: one string for both, not two.
+        return {
+            r[0]: Location(r[0], r[1], r[2], r[0] if r[3] == r[0] else r[3], r[4], r[5], r[6], r[7], bool(r[8]))
+            for r in rows
+        }
 
     def count_blob_pointers(self) -> int:
         return int(self._execute(f"SELECT COUNT(*) FROM `{TABLE}` WHERE provider = 'azure_blob'")[0][0])

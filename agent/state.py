@@ -150,6 +150,19 @@ class StatLike(Protocol):
     st_ino: int
 
 
+class Seen(NamedTuple):
+    """A StatLike that holds only those three fields: a whole os.stat_result per file is most of
+    what a 100,000-file walk would hold until the state has recorded it."""
+
+    st_size: int
+    st_mtime_ns: int
+    st_ino: int
+
+    @classmethod
+    def of(cls, st: StatLike) -> Seen:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 class Uploaded(NamedTuple):
     """What verify compares of an uploaded file: a FileRecord's checked fields only, since it
     holds one per file (half the memory of whole records at 100,000 files)."""

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from .. import safety
 from ..config import Config, MediaRoot
@@ -27,7 +26,7 @@ from ..inventory import iter_listed, prefixes_for
 from ..media import SHA256_NAME_RE, MediaFile
 from ..progress import Progress, human_bytes, human_duration
 from ..scan import ScanReport, walk_root
-from ..state import StateStore
+from ..state import Seen, StateStore
 from ..storage import Listed, StoreUnavailable
 from ..storage.azure_blob import AzureBlobStore
 from ..worker import RunReport
@@ -343,7 +342,7 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
                 mf.blob_name,
                 mf.root.name,
                 str(mf.path),
-                _Seen(st.st_size, st.st_mtime_ns, st.st_ino),
+                Seen.of(st),
                 min(st.st_mtime, time.time()) + config.settle_seconds,
             )
             for mf, st in _walk(roots, scan)
@@ -406,15 +405,6 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         after = worker.state.counts(names)
         worker.notifier.stopping()
     return _summary(report, scan, verdicts, done_before, after, started, worker.outage, opts)
-
-
-class _Seen(NamedTuple):
-    """The stat fields the state compares (StateStore.observe): a whole os.stat_result per file
-    is most of what a 100,000-file walk holds."""
-
-    st_size: int
-    st_mtime_ns: int
-    st_ino: int
 
 
 def _summary(report, scan, verdicts, done_before, after, started, outage, opts) -> tuple[dict[str, object], int]:
