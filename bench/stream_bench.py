@@ -19,6 +19,7 @@ Writes bench/stream_results.json, bench/stream_results.md and bench/stream_resul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import http.client
@@ -120,6 +121,15 @@ def start_server(work: Path, name: str, azurite: Azurite, container: str, roots:
     wait_path(sock)
     wait_port("127.0.0.1", tcp_port)
     return proc, sock, tcp_port
+
+
+def pin_to_cpu0(proc_pid: int | None) -> None:
+    """Every thread of a process onto CPU 0 (`--pin-azurite`); threads it starts later inherit it."""
+    if proc_pid is None:
+        return
+    for tid in os.listdir(f"/proc/{proc_pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), {0})
 
 
 def put_blob(container, name: str, raw: Path, sha: str) -> None:
@@ -570,6 +580,12 @@ def markdown(results: dict) -> str:
             " Blob server settings: " + ", ".join(f"{k}={v}" for k, v in results["server_env"].items()) + "."
             if results.get("server_env")
             else ""
+        )
+        + (
+            " Pinned: every Azurite on CPU 0 alone, everything else (server, fronts, clients) on the other"
+            " CPUs, as Azure runs on machines of its own."
+            if results.get("pinned")
+            else ""
         ),
         "",
         "Ratios are paired: each round's figure divided by the baseline's figure in the same round, then "
@@ -904,12 +920,25 @@ def main() -> int:
         "no local setups; writes bench/results/stream_blob_fronts.{json,md,svg} unless --out is given",
     )
     ap.add_argument(
+        "--pin-azurite",
+        action="store_true",
+        help="run every Azurite on CPU 0 and everything else on the other CPUs: Azure is not on the "
+        "GigHive host, and on 2 cores an unpinned Azurite (one busy Node.js thread) shares its CPU with "
+        "the very chain it is compared against",
+    )
+    ap.add_argument(
         "--local-first",
         action="store_true",
         help="only the local-first comparison (Apache and nginx, with and without the agent's snippet); "
         "writes bench/results/stream_local_first.{json,md}",
     )
     args = ap.parse_args()
+    if args.pin_azurite:
+        if (os.cpu_count() or 1) < 2:
+            raise SystemExit("--pin-azurite needs at least 2 CPUs")
+        # This process and all it starts (server, fronts, clients) keep off CPU 0; each Azurite is
+        # moved onto it once started (pin_to_cpu0).
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
     if args.local_first:
         return local_first(args)
     if args.blob_only and args.out == REPO / "bench" / "stream_results":
@@ -1145,6 +1174,9 @@ def main() -> int:
             azurite.restart()
             if azurite_tls is not None:
                 azurite_tls.restart()
+            if args.pin_azurite:
+                pin_to_cpu0(azurite.pid)
+                pin_to_cpu0(azurite_tls.pid if azurite_tls is not None else None)
             if not args.blob_only:
                 restart_rclone(targets[1])
             for t in targets:
@@ -1218,6 +1250,7 @@ def main() -> int:
             "setups": setups,
             "concurrency": concurrency,
             "server_env": server_env,
+            "pinned": bool(args.pin_azurite),
         }
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(markdown(results))
