@@ -192,8 +192,8 @@ class Output:
         this server's read, the unix socket to the front, the front's proxy buffers. The socket's
         default (net.core.wmem_default, 208 KiB) makes the server stop and wait for the front
         every few reads, and on a 2-core host every wait is a context switch the front and Azure
-        pay for too; with more room both run longer bursts (docs/benchmarks.md: through nginx
-        0.74 to 0.78 x direct Azurite on a busy machine, less CPU per GB). Kernel memory, used
+        pay for too; with more room both run longer bursts (docs/benchmarks.md, stop 23: a small
+        gain, 2-8 % through nginx by the medians of before/after pairs). Kernel memory, used
         only while the front lags: Linux doubles the request and caps it at net.core.wmem_max
         (stock Ubuntu: 2 x 208 KiB), and at most STREAM_FAST_STREAMS streams are fast at once.
         A TCP connection keeps its default: setting SO_SNDBUF there turns off the kernel's
