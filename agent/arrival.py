@@ -30,6 +30,7 @@ import os
 import time
 
 from .media import MediaFile
+from .state import Seen
 
 
 class Arrivals:
@@ -37,7 +38,7 @@ class Arrivals:
 
     def __init__(self, settle_seconds: float):
         self.settle_seconds = settle_seconds
-        self._early: dict[str, tuple[int, int, int]] = {}
+        self._early: dict[str, Seen] = {}
 
     def observed(self, mf: MediaFile, st: os.stat_result, renamed_in: bool = False) -> float:
         """Note a file seen on disk; returns when it may be read (the queue's not_before)."""
@@ -47,15 +48,11 @@ class Arrivals:
         if settled_at <= now:
             return settled_at  # old enough already: nothing to remember
         if renamed_in or mf.expected_sha256 is not None:
-            self._early[mf.blob_name] = _identity(st)
+            self._early[mf.blob_name] = Seen.of(st)
             return now
         return settled_at
 
     def take(self, blob_name: str, st: os.stat_result) -> bool:
         """Whether this unsettled file may be read now: the very file that arrived, once."""
         early = self._early.pop(blob_name, None)
-        return early is not None and early == _identity(st)
-
-
-def _identity(st: os.stat_result) -> tuple[int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
+        return early is not None and early == Seen.of(st)

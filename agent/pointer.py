@@ -234,15 +234,8 @@ class PointerDB:
 
     def locations(self) -> dict[str, Location]:
         """Every pointer row by media path (reconcile compares them with Blob and the disk)."""
-        rows = self._execute(
-            f"SELECT media_path, provider, container, blob_name, etag, size_bytes, content_md5, content_sha256, "
-            f"local_copy FROM `{TABLE}`"
-        )
-        # blob_name is media_path for every row the agent writes: one string for both, not two.
-        return {
-            r[0]: Location(r[0], r[1], r[2], r[0] if r[3] == r[0] else r[3], r[4], r[5], r[6], r[7], bool(r[8]))
-            for r in rows
-        }
+        rows = self._execute(f"SELECT {_LOCATION_COLUMNS} FROM `{TABLE}`")
+        return {r[0]: _location(r) for r in rows}
 
     def count_blob_pointers(self) -> int:
         return int(self._execute(f"SELECT COUNT(*) FROM `{TABLE}` WHERE provider = 'azure_blob'")[0][0])
@@ -345,14 +338,25 @@ class PointerDB:
 
     def get(self, media_path: str) -> Location | None:
         rows = self._execute(
-            f"SELECT media_path, provider, container, blob_name, etag, size_bytes, content_md5, content_sha256, "
-            f"local_copy FROM `{TABLE}` WHERE media_path = %s",
+            f"SELECT {_LOCATION_COLUMNS} FROM `{TABLE}` WHERE media_path = %s",
             (media_path,),
         )
         if not rows:
             return None
-        r = rows[0]
-        return Location(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]))
+        return _location(rows[0])
+
+
+# What a Location is read from, in the order _location takes the columns.
+_LOCATION_COLUMNS = (
+    "media_path, provider, container, blob_name, etag, size_bytes, content_md5, content_sha256, local_copy"
+)
+
+
+def _location(r: tuple) -> Location:
+    """A row of _LOCATION_COLUMNS as a Location."""
+    # blob_name is media_path for every row the agent writes: one string for both, not two
+    # (reconcile and the way back hold one Location per row).
+    return Location(r[0], r[1], r[2], r[0] if r[3] == r[0] else r[3], r[4], r[5], r[6], r[7], bool(r[8]))
 
 
 def _ts(epoch: float) -> dt.datetime:

@@ -354,7 +354,7 @@ def migrate(config: Config, roots: tuple[MediaRoot, ...], opts: Options) -> tupl
         # rest, as for the dry run. Up to _PROBE_AT_MOST of them, no listing: each upload's own
         # conditional Put Blob finds what is there.
         done = worker.state.snapshot(("uploaded", "evicted"))
-        wanted = {n for n, _r, _p, st, _t in walked if done.get(n) != (st.st_size, st.st_mtime_ns, st.st_ino)}
+        wanted = {n for n, _r, _p, seen, _t in walked if done.get(n) != seen}
         del done
         try:
             if len(wanted) > _PROBE_AT_MOST:
